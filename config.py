@@ -1,0 +1,273 @@
+"""Configuration: one typed dataclass, named presets, and command-line flags built from it.
+
+Every script imports this file; it imports no other module of the project. A field is declared once,
+with its help text, and becomes a `--field-name` flag in every script that trains or samples.
+
+    cfg = get_config("ddpm-cifar10", batch_size=64)   # a preset plus overrides
+    cfg = config_from_dict(checkpoint["config"])       # what a run was trained with
+"""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
+# Class counts of the datasets whose classes are fixed; a `folder` dataset counts its sub-folders.
+DATASET_NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "shapes": 4}
+DATASET_CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "shapes": 3}
+BETA_SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+LR_SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "none", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one sentence meant for the user."""
+
+
+def _field(default, help):
+    """A dataclass field whose help text serves as its docstring and as its flag's --help."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """All settings of a run. Presets override the defaults below, flags override presets."""
+
+    preset: str = _field("cifar10", "name of the preset this config started from")
+
+    # --- data ---
+    dataset: str = _field("cifar10", f"dataset to train on: {', '.join(DATASETS)}")
+    data_dir: str = _field("data", "where datasets are downloaded or read from (for 'folder': the image folder)")
+    image_size: int = _field(32, "height and width of the images the model sees, in pixels")
+    channels: int = _field(3, "image channels: 3 for RGB, 1 for grayscale")
+    num_classes: int = _field(0, "number of class labels for conditional training; 0 = unconditional")
+    random_flip: bool = _field(True, "flip training images horizontally at random")
+
+    # --- model (the U-Net in model.py) ---
+    base_channels: int = _field(64, "channels of the first U-Net level")
+    channel_mults: tuple = _field((1, 2, 4, 8), "channel multiplier of each level; the image is halved between levels")
+    num_res_blocks: int = _field(2, "residual blocks per level")
+    attn_resolutions: tuple = _field((16, 8), "feature-map sizes (in pixels) that get self-attention")
+    num_heads: int = _field(8, "attention heads")
+    dropout: float = _field(0.1, "dropout probability inside the residual blocks")
+
+    # --- diffusion (diffusion.py) ---
+    timesteps: int = _field(1000, "diffusion steps T")
+    beta_schedule: str = _field("linear", f"noise schedule: {', '.join(BETA_SCHEDULES)}")
+    objective: str = _field("eps", f"what the network predicts: {', '.join(OBJECTIVES)}")
+    loss_weighting: str = _field("none", f"loss weight over timesteps: {', '.join(LOSS_WEIGHTINGS)} (Min-SNR-5)")
+
+    # --- training (train.py) ---
+    batch_size: int = _field(64, "images per optimizer step on each process (global batch = this x GPUs x grad_accum)")
+    epochs: int = _field(100, "passes over the dataset; ignored when max_steps > 0")
+    max_steps: int = _field(0, "optimizer steps to train for; 0 = derive from epochs")
+    lr: float = _field(2e-4, "peak learning rate of Adam")
+    adam_beta1: float = _field(0.9, "Adam beta1")
+    adam_beta2: float = _field(0.999, "Adam beta2")
+    warmup_steps: int = _field(1000, "steps of linear learning-rate warmup from 0")
+    lr_schedule: str = _field("cosine", f"after warmup: {', '.join(LR_SCHEDULES)} (cosine anneals to 0 at the end)")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    ema_decay: float = _field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
+    amp: str = _field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), none, fp16, bf16")
+    grad_accum: int = _field(1, "micro-batches accumulated into one optimizer step")
+    compile: bool = _field(False, "compile the model with torch.compile")
+    channels_last: bool = _field(False, "keep activations in channels-last memory format")
+    seed: int = _field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
+    device: str = _field("auto", "auto (CUDA when available), cpu or cuda")
+    num_workers: int = _field(2, "DataLoader worker processes")
+    run_name: str = _field("", "name of the run's folders under checkpoints/ and results/; empty = the preset's name")
+    resume: str = _field("auto", "auto (continue from checkpoints/RUN/last.pt if it exists), none, or a checkpoint path")
+    save_every: int = _field(5000, "write a checkpoint every this many steps (and always at the end)")
+    sample_every: int = _field(5000, "log a grid of EMA samples every this many steps; 0 = never")
+    log_every: int = _field(50, "write metrics every this many steps")
+    keep_checkpoints: int = _field(3, "how many step_<N>.pt files to keep besides last.pt")
+    cond_drop_prob: float = _field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
+    max_bad_steps: int = _field(20, "stop after this many non-finite losses in a row")
+
+    def __post_init__(self):
+        # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        validate(self)
+
+    @property
+    def name(self):
+        """The run's name: `run_name`, or the preset's name when it is empty."""
+        return self.run_name or self.preset
+
+
+# Fields that decide the shape of the network's weights (or what its output means); a checkpoint's
+# values for them win over anything given on the command line when training is resumed.
+ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults",
+                       "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "objective")
+
+
+def _check(ok, message):
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg):
+    """Raise ConfigError with one sentence for the first value in `cfg` that cannot work."""
+    _check(cfg.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, not {cfg.preset!r}")
+    _check(cfg.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {cfg.dataset!r}")
+    _check(cfg.beta_schedule in BETA_SCHEDULES,
+           f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, not {cfg.beta_schedule!r}")
+    _check(cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    _check(cfg.loss_weighting in LOSS_WEIGHTINGS,
+           f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, not {cfg.loss_weighting!r}")
+    _check(cfg.lr_schedule in LR_SCHEDULES,
+           f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
+    _check(cfg.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, not {cfg.amp!r}")
+    _check(cfg.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
+
+    for name in ("image_size", "channels", "base_channels", "num_res_blocks", "num_heads", "timesteps",
+                 "batch_size", "grad_accum", "save_every", "log_every", "max_bad_steps"):
+        _check(getattr(cfg, name) > 0, f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("num_classes", "epochs", "max_steps", "warmup_steps", "sample_every", "num_workers",
+                 "keep_checkpoints"):
+        _check(getattr(cfg, name) >= 0, f"{name} must be zero or positive, got {getattr(cfg, name)}")
+    _check(cfg.epochs > 0 or cfg.max_steps > 0, "give either epochs > 0 or max_steps > 0, or training never ends")
+    _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    _check(cfg.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {cfg.grad_clip}")
+    _check(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    _check(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    _check(0 <= cfg.cond_drop_prob < 1, f"cond_drop_prob must be in [0, 1), got {cfg.cond_drop_prob}")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(cfg, name) < 1, f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    _check(cfg.channels in (1, 3), f"channels must be 1 or 3, got {cfg.channels}")
+
+    if cfg.dataset in DATASET_CHANNELS:
+        _check(cfg.channels == DATASET_CHANNELS[cfg.dataset],
+               f"dataset {cfg.dataset} has {DATASET_CHANNELS[cfg.dataset]} channel(s), so channels must be "
+               f"{DATASET_CHANNELS[cfg.dataset]}, not {cfg.channels}")
+    if cfg.dataset in DATASET_NUM_CLASSES and cfg.num_classes > 0:
+        _check(cfg.num_classes == DATASET_NUM_CLASSES[cfg.dataset],
+               f"dataset {cfg.dataset} has {DATASET_NUM_CLASSES[cfg.dataset]} classes, so num_classes must be "
+               f"{DATASET_NUM_CLASSES[cfg.dataset]} (or 0 for unconditional), not {cfg.num_classes}")
+
+    # The U-Net halves the image between levels and needs GroupNorm(32) to divide every width.
+    _check(len(cfg.channel_mults) > 0 and all(m > 0 for m in cfg.channel_mults),
+           f"channel_mults must be a non-empty list of positive integers, got {list(cfg.channel_mults)}")
+    halvings = len(cfg.channel_mults) - 1
+    _check(cfg.image_size % 2 ** halvings == 0,
+           f"image_size {cfg.image_size} cannot be halved {halvings} times (one per level after the first); "
+           f"use a multiple of {2 ** halvings} or fewer channel_mults")
+    resolutions = [cfg.image_size // 2 ** level for level in range(len(cfg.channel_mults))]
+    for resolution in cfg.attn_resolutions:
+        _check(resolution in resolutions,
+               f"attn_resolutions has {resolution}, but the U-Net only sees the sizes {resolutions}")
+    for mult in cfg.channel_mults:
+        width = cfg.base_channels * mult
+        _check(width % 32 == 0, f"every level's width (base_channels x mult) must be a multiple of 32 for "
+                                f"GroupNorm(32), but {cfg.base_channels} x {mult} = {width}")
+        _check(width % cfg.num_heads == 0,
+               f"num_heads {cfg.num_heads} must divide every level's width, but not {width}")
+
+
+# Presets are overrides of the defaults above. `cifar10` is the defaults themselves: our recommended recipe.
+PRESETS = {
+    # Our recommended CIFAR-10 recipe: a 4-level U-Net with widths 64-128-256-512, warmup + cosine LR.
+    "cifar10": {},
+    # The DDPM paper's CIFAR-10 model and training recipe (Ho et al. 2020, Appendix B): 35.7M parameters.
+    "ddpm-cifar10": dict(
+        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), num_heads=1,
+        dropout=0.1, batch_size=128, epochs=0, max_steps=800_000, warmup_steps=5000, lr_schedule="constant",
+        save_every=10_000, sample_every=10_000,
+    ),
+    # 28x28 digits padded to 32x32; a small 3-level U-Net.
+    "mnist": dict(
+        dataset="mnist", channels=1, base_channels=32, channel_mults=(1, 2, 2), attn_resolutions=(8,),
+        num_heads=4, batch_size=128, epochs=20, warmup_steps=500, ema_decay=0.999, save_every=2000,
+        sample_every=2000,
+    ),
+    # A tiny model on the built-in offline `shapes` data: trains on 2 CPU cores in a few minutes.
+    "demo": dict(
+        dataset="shapes", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+        num_heads=4, dropout=0.0, batch_size=32, epochs=0, max_steps=1500, lr=1e-3, warmup_steps=100,
+        ema_decay=0.995, num_workers=0, save_every=500, sample_every=500, log_every=20, keep_checkpoints=2,
+    ),
+}
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def get_config(preset="cifar10", **overrides):
+    """The config of a preset with `overrides` (field names) applied; raises ConfigError for bad values."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    unknown = sorted(set(overrides) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    return Config(**values)
+
+
+def config_to_dict(cfg):
+    """The config as a plain dict of JSON types (what checkpoints and config.json hold)."""
+    values = asdict(cfg)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def config_from_dict(values):
+    """Rebuild a Config from `config_to_dict` output; fields added since it was written take their defaults."""
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"the saved config has field(s) this version does not know: {', '.join(unknown)}")
+    preset = values.get("preset", "cifar10")
+    base = asdict(get_config(preset)) if preset in PRESETS else {}
+    return Config(**{**base, **values})
+
+
+def save_config(cfg, path):
+    """Write the config as indented JSON."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+        f.write("\n")
+
+
+def load_config(path):
+    """Read a config written by `save_config`."""
+    with open(path, encoding="utf-8") as f:
+        return config_from_dict(json.load(f))
+
+
+# --- command-line flags -------------------------------------------------------------------------
+
+def add_config_flags(parser):
+    """Add `--preset` and one `--field-name` flag per Config field to an argparse parser.
+
+    Flags default to None so that only what the user typed overrides the preset.
+    """
+    parser.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="named starting config")
+    group = parser.add_argument_group("config (override the preset)")
+    for f in dataclasses.fields(Config):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.default is dataclasses.MISSING:  # tuple fields (default_factory)
+            group.add_argument(flag, type=int, nargs="*", default=None, metavar="N", help=help_text)
+        else:
+            group.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def overrides_from_args(args):
+    """The config fields the user set on the command line, as a dict."""
+    return {name: getattr(args, name) for name in FIELD_NAMES
+            if name != "preset" and getattr(args, name, None) is not None}
+
+
+def config_from_args(args):
+    """The preset named by `--preset` with every flag the user typed applied."""
+    return get_config(args.preset, **overrides_from_args(args))
