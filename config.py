@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message is one sentence meant for the user."""
 
 
-def _field(default, help):
+def flag_field(default, help):
     """A dataclass field whose help text serves as its docstring and as its flag's --help."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata={"help": help})
@@ -40,56 +40,56 @@ def _field(default, help):
 class Config:
     """All settings of a run. Presets override the defaults below, flags override presets."""
 
-    preset: str = _field("cifar10", "name of the preset this config started from")
+    preset: str = flag_field("cifar10", "name of the preset this config started from")
 
     # --- data ---
-    dataset: str = _field("cifar10", f"dataset to train on: {', '.join(DATASETS)}")
-    data_dir: str = _field("data", "where datasets are downloaded or read from (for 'folder': the image folder)")
-    image_size: int = _field(32, "height and width of the images the model sees, in pixels")
-    channels: int = _field(3, "image channels: 3 for RGB, 1 for grayscale")
-    num_classes: int = _field(0, "number of class labels for conditional training; 0 = unconditional")
-    random_flip: bool = _field(True, "flip training images horizontally at random")
+    dataset: str = flag_field("cifar10", f"dataset to train on: {', '.join(DATASETS)}")
+    data_dir: str = flag_field("data", "where datasets are downloaded or read from (for 'folder': the image folder)")
+    image_size: int = flag_field(32, "height and width of the images the model sees, in pixels")
+    channels: int = flag_field(3, "image channels: 3 for RGB, 1 for grayscale")
+    num_classes: int = flag_field(0, "number of class labels for conditional training; 0 = unconditional")
+    random_flip: bool = flag_field(True, "flip training images horizontally at random")
 
     # --- model (the U-Net in model.py) ---
-    base_channels: int = _field(64, "channels of the first U-Net level")
-    channel_mults: tuple = _field((1, 2, 4, 8), "channel multiplier of each level; the image is halved between levels")
-    num_res_blocks: int = _field(2, "residual blocks per level")
-    attn_resolutions: tuple = _field((16, 8), "feature-map sizes (in pixels) that get self-attention")
-    num_heads: int = _field(8, "attention heads")
-    dropout: float = _field(0.1, "dropout probability inside the residual blocks")
+    base_channels: int = flag_field(64, "channels of the first U-Net level")
+    channel_mults: tuple = flag_field((1, 2, 4, 8), "channel multiplier of each level; the image is halved between levels")
+    num_res_blocks: int = flag_field(2, "residual blocks per level")
+    attn_resolutions: tuple = flag_field((16, 8), "feature-map sizes (in pixels) that get self-attention")
+    num_heads: int = flag_field(8, "attention heads")
+    dropout: float = flag_field(0.1, "dropout probability inside the residual blocks")
 
     # --- diffusion (diffusion.py) ---
-    timesteps: int = _field(1000, "diffusion steps T")
-    beta_schedule: str = _field("linear", f"noise schedule: {', '.join(BETA_SCHEDULES)}")
-    objective: str = _field("eps", f"what the network predicts: {', '.join(OBJECTIVES)}")
-    loss_weighting: str = _field("none", f"loss weight over timesteps: {', '.join(LOSS_WEIGHTINGS)} (Min-SNR-5)")
+    timesteps: int = flag_field(1000, "diffusion steps T")
+    beta_schedule: str = flag_field("linear", f"noise schedule: {', '.join(BETA_SCHEDULES)}")
+    objective: str = flag_field("eps", f"what the network predicts: {', '.join(OBJECTIVES)}")
+    loss_weighting: str = flag_field("none", f"loss weight over timesteps: {', '.join(LOSS_WEIGHTINGS)} (Min-SNR-5)")
 
     # --- training (train.py) ---
-    batch_size: int = _field(64, "images per optimizer step on each process (global batch = this x GPUs x grad_accum)")
-    epochs: int = _field(100, "passes over the dataset; ignored when max_steps > 0")
-    max_steps: int = _field(0, "optimizer steps to train for; 0 = derive from epochs")
-    lr: float = _field(2e-4, "peak learning rate of Adam")
-    adam_beta1: float = _field(0.9, "Adam beta1")
-    adam_beta2: float = _field(0.999, "Adam beta2")
-    warmup_steps: int = _field(1000, "steps of linear learning-rate warmup from 0")
-    lr_schedule: str = _field("cosine", f"after warmup: {', '.join(LR_SCHEDULES)} (cosine anneals to 0 at the end)")
-    grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    ema_decay: float = _field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
-    amp: str = _field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), none, fp16, bf16")
-    grad_accum: int = _field(1, "micro-batches accumulated into one optimizer step")
-    compile: bool = _field(False, "compile the model with torch.compile")
-    channels_last: bool = _field(False, "keep activations in channels-last memory format")
-    seed: int = _field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
-    device: str = _field("auto", "auto (CUDA when available), cpu or cuda")
-    num_workers: int = _field(2, "DataLoader worker processes")
-    run_name: str = _field("", "name of the run's folders under checkpoints/ and results/; empty = the preset's name")
-    resume: str = _field("auto", "auto (continue from checkpoints/RUN/last.pt if it exists), none, or a checkpoint path")
-    save_every: int = _field(5000, "write a checkpoint every this many steps (and always at the end)")
-    sample_every: int = _field(5000, "log a grid of EMA samples every this many steps; 0 = never")
-    log_every: int = _field(50, "write metrics every this many steps")
-    keep_checkpoints: int = _field(3, "how many step_<N>.pt files to keep besides last.pt")
-    cond_drop_prob: float = _field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
-    max_bad_steps: int = _field(20, "stop after this many non-finite losses in a row")
+    batch_size: int = flag_field(64, "images per optimizer step on each process (global batch = this x GPUs x grad_accum)")
+    epochs: int = flag_field(100, "passes over the dataset; ignored when max_steps > 0")
+    max_steps: int = flag_field(0, "optimizer steps to train for; 0 = derive from epochs")
+    lr: float = flag_field(2e-4, "peak learning rate of Adam")
+    adam_beta1: float = flag_field(0.9, "Adam beta1")
+    adam_beta2: float = flag_field(0.999, "Adam beta2")
+    warmup_steps: int = flag_field(1000, "steps of linear learning-rate warmup from 0")
+    lr_schedule: str = flag_field("cosine", f"after warmup: {', '.join(LR_SCHEDULES)} (cosine anneals to 0 at the end)")
+    grad_clip: float = flag_field(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    ema_decay: float = flag_field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
+    amp: str = flag_field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), none, fp16, bf16")
+    grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
+    compile: bool = flag_field(False, "compile the model with torch.compile")
+    channels_last: bool = flag_field(False, "keep activations in channels-last memory format")
+    seed: int = flag_field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
+    device: str = flag_field("auto", "auto (CUDA when available), cpu or cuda")
+    num_workers: int = flag_field(2, "DataLoader worker processes")
+    run_name: str = flag_field("", "name of the run's folders under checkpoints/ and results/; empty = the preset's name")
+    resume: str = flag_field("auto", "auto (continue from checkpoints/RUN/last.pt if it exists), none, or a checkpoint path")
+    save_every: int = flag_field(5000, "write a checkpoint every this many steps (and always at the end)")
+    sample_every: int = flag_field(5000, "log a grid of EMA samples every this many steps; 0 = never")
+    log_every: int = flag_field(50, "write metrics every this many steps")
+    keep_checkpoints: int = flag_field(3, "how many step_<N>.pt files to keep besides last.pt")
+    cond_drop_prob: float = flag_field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
+    max_bad_steps: int = flag_field(20, "stop after this many non-finite losses in a row")
 
     def __post_init__(self):
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
@@ -207,6 +207,9 @@ def get_config(preset="cifar10", **overrides):
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
     values = {**PRESETS[preset], **overrides, "preset": preset}
+    # Naming a dataset with a known channel count sets `channels` too, unless it was given.
+    if "dataset" in overrides and "channels" not in overrides and values["dataset"] in DATASET_CHANNELS:
+        values["channels"] = DATASET_CHANNELS[values["dataset"]]
     return Config(**values)
 
 
@@ -241,31 +244,40 @@ def load_config(path):
 
 # --- command-line flags -------------------------------------------------------------------------
 
-def add_config_flags(parser):
-    """Add `--preset` and one `--field-name` flag per Config field to an argparse parser.
-
-    Flags default to None so that only what the user typed overrides the preset.
-    """
-    parser.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="named starting config")
-    group = parser.add_argument_group("config (override the preset)")
-    for f in dataclasses.fields(Config):
-        if f.name == "preset":
+def add_dataclass_flags(parser, cls, title, skip=()):
+    """Add one `--field-name` flag per field of dataclass `cls` (built with `flag_field`), defaulting to None so
+    that only what the user typed overrides the defaults. Booleans get --name / --no-name; tuples take N values."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if isinstance(f.default, bool):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.default is dataclasses.MISSING:  # tuple fields (default_factory)
-            group.add_argument(flag, type=int, nargs="*", default=None, metavar="N", help=help_text)
+        elif isinstance(default, tuple):
+            item_type = type(default[0]) if default else int
+            group.add_argument(flag, type=item_type, nargs="*", default=None, metavar="N", help=help_text)
         else:
-            group.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper(), help=help_text)
+            group.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(), help=help_text)
     return parser
+
+
+def add_config_flags(parser):
+    """Add `--preset` and one `--field-name` flag per Config field to an argparse parser."""
+    parser.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="named starting config")
+    return add_dataclass_flags(parser, Config, "config (override the preset)", skip=("preset",))
 
 
 def overrides_from_args(args):
     """The config fields the user set on the command line, as a dict."""
-    return {name: getattr(args, name) for name in FIELD_NAMES
-            if name != "preset" and getattr(args, name, None) is not None}
+    overrides = {}
+    for name in FIELD_NAMES:
+        value = getattr(args, name, None)
+        if name != "preset" and value is not None:
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    return overrides
 
 
 def config_from_args(args):
