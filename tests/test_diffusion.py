@@ -1,0 +1,531 @@
+"""Tests for diffusion.py: schedules, the forward process, the loss, and every sampler on Gaussian data.
+
+For data x0 ~ N(mu, s^2) the ideal predictor is known in closed form (DESIGN.md section 1), so each sampler can be
+checked without a trained network: its samples must have mean mu and std s, and the deterministic samplers must land
+on the exact end point of the probability-flow ODE. Where it is cheap, results are compared with diffusers.
+"""
+
+import math
+
+import pytest
+import torch
+
+from config import get_config
+from diffusion import GaussianDiffusion, create_diffusion, make_beta_schedule
+
+T = 1000
+MU, S = 0.3, 0.5  # the Gaussian test data: x0 ~ N(MU, S^2)
+N = 8192  # scalar samples per sampler run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: one thread is faster than two competing with other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def alpha_bars(schedule):
+    """alpha_bar_t for t = 0 ... T-1, computed here in float64 from the betas (not from diffusion.py's tables)."""
+    return torch.cumprod(1 - make_beta_schedule(schedule, T), dim=0)
+
+
+def gaussian_model(objective, schedule="linear", mu=MU, s=S):
+    """The exact predictor for x0 ~ N(mu, s^2 I): E[eps | x_t], E[x0 | x_t] or E[v | x_t], a callable model(x_t, t).
+
+    With a = sqrt(alpha_bar_t), sigma^2 = 1 - alpha_bar_t and x_t = a x0 + sigma eps, x_t is Gaussian with variance
+    a^2 s^2 + sigma^2, and the regression of eps and x0 on x_t gives
+        E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2),   E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (...).
+    """
+    table = alpha_bars(schedule)
+
+    def model(x_t, t):
+        alpha_bar = table[t.cpu()].view(-1, *[1] * (x_t.ndim - 1))
+        a = alpha_bar.sqrt()
+        sigma = (1 - alpha_bar).sqrt()
+        x = x_t.double().cpu()
+        variance = alpha_bar * s ** 2 + 1 - alpha_bar
+        eps = sigma * (x - a * mu) / variance
+        x0 = mu + a * s ** 2 * (x - a * mu) / variance
+        prediction = {"eps": eps, "x0": x0, "v": a * eps - sigma * x0}[objective]
+        return prediction.float().to(x_t.device)
+
+    return model
+
+
+def exact_ode_endpoint(x_T, t_start, schedule="linear", mu=MU, s=S):
+    """Where the probability-flow ODE takes x_T (at timestep t_start) for Gaussian data: the standardised
+    z = (x_t - sqrt(alpha_bar_t) mu) / sqrt(alpha_bar_t s^2 + 1 - alpha_bar_t) is constant along it, so
+    x_0 = mu + s z."""
+    alpha_bar = alpha_bars(schedule)[t_start].item()
+    return mu + s * (x_T.double() - math.sqrt(alpha_bar) * mu) / math.sqrt(alpha_bar * s ** 2 + 1 - alpha_bar)
+
+
+def make_diffusion(schedule="linear", objective="eps", **kwargs):
+    return GaussianDiffusion(make_beta_schedule(schedule, T), objective=objective, **kwargs)
+
+
+def starting_noise(seed=0, n=N):
+    return torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+
+def identity_hook(i, x_t, x0_pred, x_prev):
+    return x_prev
+
+
+# --- schedules --------------------------------------------------------------------------------------------------
+
+def test_linear_schedule_endpoints_and_scaling():
+    betas = make_beta_schedule("linear", 1000)
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    assert betas[0].item() == pytest.approx(1e-4, rel=1e-12) and betas[-1].item() == pytest.approx(0.02, rel=1e-12)
+    assert torch.allclose(betas.diff(), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    # Improved DDPM: both ends scaled by 1000 / T
+    short = make_beta_schedule("linear", 250)
+    assert short[0].item() == pytest.approx(4e-4) and short[-1].item() == pytest.approx(0.08)
+    assert make_beta_schedule("linear", 10).max().item() == 0.999  # 20 / T would exceed 1
+
+
+def test_cosine_schedule_matches_closed_form():
+    betas = make_beta_schedule("cosine", T)
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    # table index t is the paper's step t + 1: alpha_bar(t + 1) = f(t + 1) / f(0)
+    def f(step):
+        return math.cos((step / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    closed_form = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
+    assert torch.allclose(alpha_bar[:-1], closed_form[:-1], rtol=1e-10, atol=0)
+    assert betas.max().item() == 0.999 and betas[-1].item() == 0.999  # f(T) = 0 would make beta_T = 1
+    assert (betas.diff() > 0).all()  # noise added per step grows with t (the first design sketch had it shrink)
+
+
+def test_schedules_match_diffusers():
+    schedulers = pytest.importorskip("diffusers.schedulers")
+    for ours, theirs in (("linear", "linear"), ("cosine", "squaredcos_cap_v2")):
+        reference = schedulers.DDPMScheduler(num_train_timesteps=T, beta_schedule=theirs).betas
+        assert torch.allclose(make_beta_schedule(ours, T).float(), reference, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="beta schedule must be one of linear, cosine"):
+        make_beta_schedule("sigmoid", T)
+
+
+# --- forward process and posterior -----------------------------------------------------------------------------
+
+def test_q_sample_moments_match_eq4():
+    diffusion = make_diffusion()
+    alpha_bar = alpha_bars("linear")
+    t = torch.tensor([0, 100, 500, 999])
+    draws = 200_000
+    x0 = torch.full((len(t), draws), 0.7)
+    torch.manual_seed(0)
+    x_t = diffusion.q_sample(x0, t, torch.randn_like(x0)).double()
+    expected_mean = alpha_bar[t].sqrt() * 0.7
+    expected_variance = 1 - alpha_bar[t]
+    assert ((x_t.mean(1) - expected_mean).abs() < 5 * (expected_variance / draws).sqrt()).all()
+    assert ((x_t.var(1) / expected_variance - 1).abs() < 5 * math.sqrt(2 / draws)).all()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_posterior_matches_bayes_rule(schedule):
+    """q(x_{t-1} | x_t, x0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x0); integrate it on a fine grid."""
+    diffusion = make_diffusion(schedule)
+    betas = make_beta_schedule(schedule, T)
+    alpha_bar = alpha_bars(schedule)
+    for t, x0, x_t in ((1, 0.5, 0.4), (10, -0.8, -0.2), (500, 0.3, 1.7), (998, -1.0, 0.6)):
+        prior_mean = alpha_bar[t - 1].sqrt() * x0  # q(x_{t-1} | x0), Eq. 4
+        prior_std = (1 - alpha_bar[t - 1]).sqrt()
+        likelihood_peak = x_t / (1 - betas[t]).sqrt()  # where q(x_t | x_{t-1}) peaks as a function of x_{t-1}
+        # the posterior lies between the two peaks; cover both generously
+        low = min(prior_mean, likelihood_peak) - 12 * prior_std
+        high = max(prior_mean, likelihood_peak) + 12 * prior_std
+        grid = torch.linspace(low, high, 2_000_001, dtype=torch.float64)
+        log_density = (-(x_t - (1 - betas[t]).sqrt() * grid) ** 2 / (2 * betas[t])  # q(x_t | x_{t-1}), Eq. 2
+                       - (grid - prior_mean) ** 2 / (2 * prior_std ** 2))
+        weights = torch.softmax(log_density, dim=0)
+        mean = (weights * grid).sum()
+        variance = (weights * (grid - mean) ** 2).sum()
+
+        index = torch.tensor([t])
+        ours_mean, ours_variance, ours_log_variance = diffusion.q_posterior(
+            torch.full((1, 1), x0), torch.full((1, 1), x_t), index)
+        assert ours_mean.item() == pytest.approx(mean.item(), rel=1e-5, abs=1e-6)
+        assert ours_variance.item() == pytest.approx(variance.item(), rel=1e-4)
+        assert ours_log_variance.item() == pytest.approx(math.log(variance.item()), abs=1e-4)
+    # at t = 0 the previous state is x0 itself
+    mean, variance, _ = diffusion.q_posterior(torch.full((1, 1), 0.5), torch.full((1, 1), 0.4), torch.tensor([0]))
+    assert mean.item() == pytest.approx(0.5, abs=1e-6) and variance.item() == 0
+
+
+# --- predictions and the loss ----------------------------------------------------------------------------------
+
+def test_conversions_round_trip():
+    diffusion = make_diffusion("cosine")
+    torch.manual_seed(0)
+    t = torch.arange(0, T, 37)
+    x0 = torch.rand(len(t), 3, 4, 4) * 2 - 1
+    eps = torch.randn_like(x0)
+    x_t = diffusion.q_sample(x0, t, eps)
+    v = diffusion.get_v(x0, t, eps)
+    alpha_bar = alpha_bars("cosine")[t].view(-1, 1, 1, 1).float()
+    assert torch.allclose(v, alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0, atol=1e-6)
+    # away from t = T-1, where sqrt(alpha_bar) ~ 1e-3 amplifies float32 rounding in the x0 estimate
+    assert torch.allclose(diffusion.predict_x0_from_eps(x_t, t, eps)[:-1], x0[:-1], atol=1e-4)
+    assert torch.allclose(diffusion.predict_eps_from_x0(x_t, t, x0)[1:], eps[1:], atol=1e-4)
+    assert torch.allclose(diffusion.predict_x0_from_v(x_t, t, v), x0, atol=1e-5)
+    assert torch.allclose(diffusion.predict_eps_from_v(x_t, t, v), eps, atol=1e-5)
+
+
+def oracle(diffusion, x0, t, noise):
+    """A perfect model for a known (x0, t, noise): returns exactly the training target of the objective."""
+    target = {"eps": noise, "x0": x0, "v": diffusion.get_v(x0, t, noise)}[diffusion.objective]
+    return lambda x_t, t_model: target
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_oracle_loss_is_zero_and_zero_model_loss_is_weighted_mse(objective, weighting):
+    diffusion = make_diffusion("linear", objective, loss_weighting=weighting)
+    torch.manual_seed(0)
+    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
+    t = torch.randint(0, T, (16,))
+    noise = torch.randn_like(x0)
+    assert diffusion.training_loss(oracle(diffusion, x0, t, noise), x0, t=t, noise=noise).item() < 1e-12
+
+    # a model that predicts 0 pays the weighted mean of target^2, with DESIGN.md's Min-SNR-5 weights
+    target = oracle(diffusion, x0, t, noise)(None, None)
+    snr = alpha_bars("linear")[t] / (1 - alpha_bars("linear")[t])
+    if weighting == "none":
+        weights = torch.ones(16, dtype=torch.float64)
+    else:
+        weights = {"eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1), "x0": snr.clamp(max=5)}[objective]
+    expected = (weights * target.double().pow(2).mean(dim=(1, 2, 3))).mean()
+    loss = diffusion.training_loss(lambda x_t, t_model: torch.zeros_like(x_t), x0, t=t, noise=noise)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_min_snr_weight_tables_match_design():
+    snr = alpha_bars("cosine") / (1 - alpha_bars("cosine"))
+    expected = {"eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1), "x0": snr.clamp(max=5)}
+    for objective, weights in expected.items():
+        table = make_diffusion("cosine", objective, loss_weighting="min_snr").loss_weights
+        assert torch.allclose(table.double(), weights, rtol=1e-5)
+    assert (make_diffusion("cosine", "v").loss_weights == 1).all()
+
+
+def test_loss_is_float32_for_a_half_precision_model_and_sees_t_and_x_t():
+    diffusion = make_diffusion()
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    noise = torch.randn_like(x0)
+    seen = {}
+
+    def model(x_t, t_model):
+        seen.update(x_t=x_t, t=t_model)
+        return noise.bfloat16()
+
+    loss = diffusion.training_loss(model, x0, t=t, noise=noise)
+    assert loss.dtype == torch.float32 and loss.item() < 1e-4  # only bf16 rounding of the perfect answer remains
+    assert torch.equal(seen["t"], t) and torch.allclose(seen["x_t"], diffusion.q_sample(x0, t, noise))
+
+
+def test_labels_are_dropped_to_the_null_label_at_the_given_rate():
+    seen = []
+
+    def model(x_t, t, labels):
+        seen.append(labels)
+        return torch.zeros_like(x_t)
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (20_000,))
+    make_diffusion(num_classes=10, cond_drop_prob=0.25).training_loss(model, torch.zeros(20_000, 1, 1, 1), y)
+    dropped = seen[0] == 10  # the null label is num_classes
+    assert abs(dropped.float().mean().item() - 0.25) < 0.015  # 5 standard errors
+    assert torch.equal(seen[0][~dropped], y[~dropped])
+    make_diffusion(num_classes=10, cond_drop_prob=0.0).training_loss(model, torch.zeros(100, 1, 1, 1), y[:100])
+    assert torch.equal(seen[1], y[:100])
+
+
+# --- every sampler on Gaussian data ----------------------------------------------------------------------------
+
+# (sampler, steps, eta, ddpm_variance, tolerance on |std - S|): the tolerance is the sampler's discretisation error
+# with this exact model, measured, plus margin for N = 8192 samples (the std's own sampling error is ~0.004).
+MOMENT_CASES = [
+    ("ddpm", None, 0.0, "beta", 0.02),
+    ("ddpm", None, 0.0, "posterior", 0.02),
+    ("ddpm", 100, 0.0, "beta", 0.02),
+    ("ddim", None, 0.0, "beta", 0.02),
+    ("ddim", 100, 0.0, "beta", 0.03),
+    ("ddim", 100, 1.0, "beta", 0.05),
+    ("dpmpp2m", 20, 0.0, "beta", 0.03),
+]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,steps,eta,ddpm_variance,std_tolerance", MOMENT_CASES)
+def test_samplers_reproduce_gaussian_data(schedule, sampler, steps, eta, ddpm_variance, std_tolerance):
+    diffusion = make_diffusion(schedule)
+    samples = diffusion.sample(gaussian_model("eps", schedule), (N, 1, 1, 1), sampler, steps, eta=eta,
+                               clip_denoised=False, generator=torch.Generator().manual_seed(1),
+                               ddpm_variance=ddpm_variance)
+    assert samples.dtype == torch.float32 and samples.shape == (N, 1, 1, 1)
+    assert abs(samples.mean().item() - MU) < 0.025  # 4.5 standard errors of the mean
+    assert abs(samples.std().item() - S) < std_tolerance
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_deterministic_samplers_converge_to_the_exact_ode_solution(schedule):
+    diffusion = make_diffusion(schedule)
+    model = gaussian_model("eps", schedule)
+    x_T = starting_noise()
+
+    def rms_error(sampler, steps):
+        samples, trajectory = diffusion.sample(model, x_T.shape, sampler, steps, clip_denoised=False, x_T=x_T,
+                                               return_trajectory=True)
+        exact = exact_ode_endpoint(x_T, trajectory[0][0], schedule)
+        return (samples.double() - exact).pow(2).mean().sqrt().item()
+
+    ddim = [rms_error("ddim", steps) for steps in (10, 20, 50)]
+    dpmpp = [rms_error("dpmpp2m", steps) for steps in (10, 20, 50)]
+    assert ddim[0] > ddim[1] > ddim[2] and dpmpp[0] > dpmpp[1] > dpmpp[2]
+    assert dpmpp[1] < ddim[1] / 2  # second order beats first order at equal cost
+    assert dpmpp[2] < 0.003 and rms_error("ddim", T) < 0.003
+
+
+def test_all_objectives_give_the_same_samples():
+    x_T = starting_noise(n=512)
+    results = [make_diffusion("cosine", objective).sample(gaussian_model(objective, "cosine"), x_T.shape, "dpmpp2m",
+                                                          20, clip_denoised=False, x_T=x_T)
+               for objective in ("eps", "x0", "v")]
+    assert torch.allclose(results[0], results[1], atol=1e-4) and torch.allclose(results[0], results[2], atol=1e-4)
+
+
+def test_ddim_with_eta_1_is_ddpm_with_the_posterior_variance():
+    """DDIM's sigma at eta = 1 is sqrt(beta_tilde), so it takes the same steps as ancestral sampling with fixed-small
+    variance (Song et al. 2021, Sec. 4.1), noise draw for noise draw."""
+    diffusion = make_diffusion("cosine")
+    x_T = starting_noise(n=512)
+    ddim = diffusion.sample(gaussian_model("eps", "cosine"), x_T.shape, "ddim", 50, eta=1.0, x_T=x_T,
+                            generator=torch.Generator().manual_seed(1))
+    ddpm = diffusion.sample(gaussian_model("eps", "cosine"), x_T.shape, "ddpm", 50, ddpm_variance="posterior",
+                            x_T=x_T, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ddim, ddpm, atol=1e-5)
+
+
+def test_ddim_with_eta_0_is_deterministic():
+    diffusion = make_diffusion()
+    x_T = starting_noise(n=256)
+    first = diffusion.sample(gaussian_model("eps"), x_T.shape, "ddim", 20, x_T=x_T,
+                             generator=torch.Generator().manual_seed(1))
+    second = diffusion.sample(gaussian_model("eps"), x_T.shape, "ddim", 20, x_T=x_T,
+                              generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 50, 0.0), ("ddim", 20, 0.5), ("dpmpp2m", 20, 0.0)])
+def test_samplers_reproduce_with_a_seeded_generator(sampler, steps, eta):
+    diffusion = make_diffusion()
+
+    def run(seed):
+        return diffusion.sample(gaussian_model("eps"), (64, 1, 4, 4), sampler, steps, eta=eta,
+                                generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+
+
+# --- classifier-free guidance ----------------------------------------------------------------------------------
+
+def toy_conditional_model(x_t, t, y):
+    """An output that depends on the label (null label = 10 included), x_t and t."""
+    return 0.1 * x_t + 0.01 * (y.float() + 1).view(-1, 1, 1, 1) + t.float().view(-1, 1, 1, 1) / T
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_guidance_scale_1_is_conditional_and_0_is_unconditional(objective):
+    diffusion = make_diffusion("linear", objective, num_classes=10)
+    torch.manual_seed(0)
+    x_t = torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 5, 100, 400, 800, 999])
+    y = torch.tensor([0, 1, 2, 3, 4, 9])
+    conditional = diffusion.model_predictions(toy_conditional_model, x_t, t, y)
+    unconditional = diffusion.model_predictions(toy_conditional_model, x_t, t, torch.full_like(y, 10))
+    for guided, expected in ((diffusion.model_predictions(toy_conditional_model, x_t, t, y, 1.0), conditional),
+                             (diffusion.model_predictions(toy_conditional_model, x_t, t, y, 0.0), unconditional)):
+        assert torch.allclose(guided[0], expected[0], atol=1e-6) and torch.allclose(guided[1], expected[1], atol=1e-5)
+    # w = 3 guides eps (also when the model predicts v): eps = eps_uncond + w (eps_cond - eps_uncond)
+    eps, _ = diffusion.model_predictions(toy_conditional_model, x_t, t, y, 3.0)
+    assert torch.allclose(eps, unconditional[0] + 3 * (conditional[0] - unconditional[0]), atol=1e-5)
+
+
+def test_guided_sampling_calls_the_model_once_per_step_with_a_doubled_batch():
+    diffusion = make_diffusion(num_classes=10)
+    calls = []
+
+    def model(x_t, t, y):
+        calls.append((x_t.shape[0], t.clone(), y.clone()))
+        return toy_conditional_model(x_t, t, y)
+
+    y = torch.tensor([3, 7])
+    diffusion.sample(model, (2, 1, 4, 4), "ddim", 5, y=y, guidance_scale=4.0)
+    assert len(calls) == 5
+    for batch_size, t, labels in calls:
+        assert batch_size == 4 and torch.equal(labels, torch.tensor([3, 7, 10, 10])) and len(set(t.tolist())) == 1
+
+
+# --- SDEdit, inpainting, trajectories ---------------------------------------------------------------------------
+
+def test_sdedit_with_strength_0_returns_the_input():
+    x_T = starting_noise(n=16)
+    assert torch.equal(make_diffusion().sample(gaussian_model("eps"), x_T.shape, "ddim", 10, x_T=x_T, start_t=0), x_T)
+
+
+def test_sdedit_starts_at_start_t_and_spreads_the_steps_below_it():
+    x_T = starting_noise(n=16)
+    _, trajectory = make_diffusion().sample(gaussian_model("eps"), x_T.shape, "ddim", 10, x_T=x_T, start_t=300,
+                                            return_trajectory=True)
+    assert [t for t, _, _ in trajectory] == [299, 269, 239, 209, 179, 149, 119, 89, 59, 29]
+    assert torch.equal(trajectory[0][1], x_T)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_inpainting_keeps_the_known_pixels_exactly(sampler):
+    x_known = torch.rand(4, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:, :, :, :4] = 1  # keep the left half
+    samples = make_diffusion().sample(gaussian_model("eps"), x_known.shape, sampler, 20, mask=mask, x_known=x_known,
+                                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(samples[:, :, :, :4], x_known[:, :, :, :4])
+    assert not torch.allclose(samples[:, :, :, 4:], x_known[:, :, :, 4:])
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp2m", 0.0)])
+def test_trajectory_has_one_entry_per_step_in_sampling_order(sampler, eta):
+    x_T = starting_noise(n=32)
+    samples, trajectory = make_diffusion().sample(gaussian_model("eps"), x_T.shape, sampler, 10, eta=eta,
+                                                  clip_denoised=False, x_T=x_T, return_trajectory=True,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert [t for t, _, _ in trajectory] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert torch.equal(trajectory[0][1], x_T)
+    assert all(x_t.device.type == "cpu" and x0_pred.shape == x_T.shape for _, x_t, x0_pred in trajectory)
+    # every sampler's last step goes to alpha_bar = 1 without noise: x_0 is that step's predicted x_0
+    assert torch.allclose(samples, trajectory[-1][2], atol=1e-6)
+
+
+def test_quadratic_spacing_puts_more_steps_at_low_noise():
+    assert make_diffusion().sampling_timesteps(5, skip_type="quadratic") == [999, 639, 359, 159, 39]
+    timesteps = make_diffusion().sampling_timesteps(100, skip_type="quadratic")
+    assert len(set(timesteps)) == 100 and timesteps[0] == 999 and timesteps[-1] == 0
+
+
+# --- diffusers as a reference ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ddpm_variance,variance_type", [("beta", "fixed_large"), ("posterior", "fixed_small")])
+@pytest.mark.parametrize("clip", [False, True])
+def test_respaced_ddpm_matches_diffusers(ddpm_variance, variance_type, clip):
+    schedulers = pytest.importorskip("diffusers.schedulers")
+    diffusion = make_diffusion()
+    model = gaussian_model("eps", mu=0.0, s=1.5)  # wide data, so clipping x0_pred matters
+    x_T = starting_noise(n=512)
+    samples, trajectory = diffusion.sample(model, x_T.shape, "ddpm", 50, clip_denoised=clip, x_T=x_T,
+                                           generator=torch.Generator().manual_seed(1), ddpm_variance=ddpm_variance,
+                                           return_trajectory=True)
+    timesteps = [t for t, _, _ in trajectory]
+    scheduler = schedulers.DDPMScheduler(num_train_timesteps=T, trained_betas=make_beta_schedule("linear", T).numpy(),
+                                         variance_type=variance_type, clip_sample=clip)
+    scheduler.set_timesteps(timesteps=timesteps)
+    generator = torch.Generator().manual_seed(1)
+    x = x_T
+    for (t, x_t, x0_pred) in trajectory:
+        assert torch.allclose(x_t, x, atol=2e-4)
+        output = scheduler.step(model(x, torch.full((512,), t)), t, x, generator=generator)
+        assert torch.allclose(x0_pred, output.pred_original_sample, atol=2e-4)
+        x = output.prev_sample
+    assert not clip or samples.abs().max() <= 1
+    if ddpm_variance == "posterior":  # diffusers' fixed_large adds noise after the last step too; DDPM does not
+        assert torch.allclose(samples, x.clamp(-1, 1) if clip else x, atol=2e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("objective,prediction_type", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_ddim_step_matches_diffusers(eta, objective, prediction_type):
+    schedulers = pytest.importorskip("diffusers.schedulers")
+    diffusion = make_diffusion("cosine", objective)
+    model = gaussian_model(objective, "cosine", mu=0.0, s=1.5)
+    scheduler = schedulers.DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                                         prediction_type=prediction_type)
+    scheduler.set_timesteps(25)  # diffusers' own spacing: 960, 920, ..., 0
+    x_T = starting_noise(n=512)
+    timesteps = scheduler.timesteps.tolist()
+
+    def predict(x_t, t):
+        return diffusion.model_predictions(model, x_t, torch.full((512,), t), clip_denoised=True)
+
+    ours = diffusion.ddim_sample(predict, x_T, timesteps, torch.Generator().manual_seed(1), identity_hook, eta=eta)
+    generator = torch.Generator().manual_seed(1)
+    x = x_T
+    for t in timesteps:
+        x = scheduler.step(model(x, torch.full((512,), t)), t, x, eta=eta, use_clipped_model_output=True,
+                           generator=generator).prev_sample
+    assert torch.allclose(ours, x, atol=2e-4)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("objective,prediction_type", [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")])
+def test_dpmpp2m_matches_diffusers(steps, objective, prediction_type):
+    schedulers = pytest.importorskip("diffusers.schedulers")
+    diffusion = make_diffusion("linear", objective)
+    model = gaussian_model(objective)
+    x_T = starting_noise(n=512)
+    samples, trajectory = diffusion.sample(model, x_T.shape, "dpmpp2m", steps, clip_denoised=False, x_T=x_T,
+                                           return_trajectory=True)
+    scheduler = schedulers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=make_beta_schedule("linear", T).numpy(), algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type=prediction_type, final_sigmas_type="zero")
+    scheduler.set_timesteps(timesteps=[t for t, _, _ in trajectory])
+    x = x_T
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, torch.full((512,), int(t))), t, x).prev_sample
+    assert torch.allclose(samples, x, atol=1e-4)
+
+
+# --- construction and errors -----------------------------------------------------------------------------------
+
+def test_create_diffusion_reads_the_config():
+    cfg = get_config("demo", timesteps=500, beta_schedule="cosine", objective="v", loss_weighting="min_snr",
+                     num_classes=4, cond_drop_prob=0.2)
+    diffusion = create_diffusion(cfg)
+    assert diffusion.num_timesteps == 500 and diffusion.objective == "v" and diffusion.loss_weighting == "min_snr"
+    assert diffusion.null_label == 4 and diffusion.cond_drop_prob == 0.2
+    assert torch.allclose(diffusion.betas, make_beta_schedule("cosine", 500).float())
+    assert diffusion.betas.dtype == torch.float32 and diffusion.alphas_cumprod.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpmpp2m"),
+    (dict(steps=1001), "steps must be an integer from 1 to 1000"),
+    (dict(sampler="ddim", eta=1.5), "eta must be between 0 and 1"),
+    (dict(eta=0.5), "eta only applies to the ddim sampler"),
+    (dict(start_t=100), "start_t needs x_T"),
+    (dict(start_t=0.5), "start_t must be an integer from 0 to 1000"),
+    (dict(skip_type="cosine"), "skip_type must be one of uniform, quadratic"),
+    (dict(guidance_scale=3.0), "needs labels y"),
+    (dict(y=torch.zeros(2, dtype=torch.long)), "unconditional"),
+    (dict(mask=torch.ones(2, 1, 4, 4)), "needs both mask and x_known"),
+])
+def test_bad_sampling_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_diffusion().sample(gaussian_model("eps"), (2, 1, 4, 4), **kwargs)
+
+
+def test_bad_construction_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="objective must be one of eps, x0, v"):
+        make_diffusion(objective="score")
+    with pytest.raises(ValueError, match="loss_weighting must be one of none, min_snr"):
+        make_diffusion(loss_weighting="p2")
+    with pytest.raises(ValueError, match="betas must be"):
+        GaussianDiffusion(torch.tensor([0.1, 1.0]))
