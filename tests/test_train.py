@@ -1,0 +1,384 @@
+"""train.py: exact resume, crash-safe checkpoints, signals, LR and EMA, accumulation, DDP, AMP, bad steps.
+
+Every run here is a tiny U-Net on 16x16 `shapes` images, trained for a handful of steps inside a temporary
+folder (train.py writes checkpoints/ and results/ relative to the working directory).
+"""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion
+import train
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "demo", "--image-size", "16", "--base-channels", "32", "--channel-mults", "1", "2",
+        "--attn-resolutions", "8", "--num-heads", "2", "--num-res-blocks", "1", "--timesteps", "50",
+        "--batch-size", "8", "--num-workers", "0", "--sample-every", "0", "--log-every", "1",
+        "--warmup-steps", "2", "--lr", "1e-3", "--dropout", "0"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(2)
+
+
+def run_train(*flags):
+    """Run train.main in-process; returns the exit code (0 when it returned normally)."""
+    try:
+        train.main([*TINY, *flags])
+    except SystemExit as exit:
+        return exit.code or 0
+    return 0
+
+
+def weights(run, name="last.pt"):
+    return utils.load_checkpoint(Path("checkpoints") / run / name)
+
+
+def assert_same_state(a, b):
+    """Bit-for-bit equality of model, EMA and optimizer state."""
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for slot_a, slot_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in slot_a:
+            assert torch.equal(slot_a[name], slot_b[name])
+
+
+def stop_at_loss_call(monkeypatch, call_index, signum=signal.SIGTERM):
+    """Send `signum` to this process during the `call_index`-th training_loss call (1-based)."""
+    original = diffusion.GaussianDiffusion.training_loss
+    calls = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call_index:
+            os.kill(os.getpid(), signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", wrapped)
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsys):
+    # Flips and dropout on, so every kind of random draw of a step is exercised.
+    flags = ["--max-steps", "7", "--save-every", "100", "--random-flip", "--dropout", "0.1"]
+    assert run_train("--run-name", "straight", *flags) == 0
+
+    with monkeypatch.context() as patch:
+        stop_at_loss_call(patch, 4)  # SIGTERM during step 4: the step finishes, then the run saves and exits
+        assert run_train("--run-name", "split", *flags) == 0
+    out = capsys.readouterr().out
+    assert "SIGTERM: saved" in out
+    interrupted = weights("split")
+    assert interrupted["step"] == 4
+
+    assert run_train("--run-name", "split", *flags) == 0  # --resume auto picks up last.pt
+    assert "resuming" in capsys.readouterr().out
+    resumed = weights("split")
+    assert resumed["step"] == 7
+    assert_same_state(weights("straight"), resumed)
+    # The metrics file reads as one run: steps 1..7 once each.
+    steps = utils.read_metrics(Path("results/logs/split/metrics.csv"))["step"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+def make_image_folder(root, count):
+    """`count` random 16x16 PNGs in one class folder."""
+    import imageio.v3 as iio
+    folder = Path(root) / "things"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=generator, dtype=torch.uint8)
+        iio.imwrite(folder / f"{i:03d}.png", pixels.numpy())
+    return root
+
+
+def test_resume_across_epochs_with_accumulation(monkeypatch):
+    # 20 images in micro-batches of 4 with grad_accum 2: 2 steps per epoch (the last 4 images are dropped),
+    # so 7 steps cross three epoch boundaries; the stop falls inside an accumulation and mid-epoch.
+    make_image_folder("images", 20)
+    flags = ["--dataset", "folder", "--data-dir", "images", "--batch-size", "4", "--max-steps", "7",
+             "--grad-accum", "2", "--save-every", "100", "--random-flip"]
+    assert run_train("--run-name", "straight", *flags) == 0
+    with monkeypatch.context() as patch:
+        stop_at_loss_call(patch, 7, signal.SIGINT)  # first micro-batch of step 4
+        assert run_train("--run-name", "split", *flags) == 0
+    interrupted = weights("split")
+    assert (interrupted["step"], interrupted["epoch"], interrupted["batch_in_epoch"]) == (4, 1, 4)
+    assert run_train("--run-name", "split", *flags) == 0
+    assert_same_state(weights("straight"), weights("split"))
+
+
+def test_epoch_sampler_skips_exactly_what_was_seen():
+    sampler = train.EpochSampler(100, seed=3, rank=0, world_size=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, skip=40)
+    assert list(sampler) == full[40:]
+    assert sorted(full) == list(range(100))
+    sampler.set_epoch(3)
+    assert list(sampler) != full
+    # Two ranks split one epoch into disjoint halves of equal size.
+    halves = [train.EpochSampler(101, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
+    for half in halves:
+        half.set_epoch(2)
+    first, second = (list(half) for half in halves)
+    assert len(first) == len(second) == 50 and not set(first) & set(second)
+
+
+def test_truncated_last_checkpoint_falls_back_to_newest_step_file(capsys):
+    assert run_train("--run-name", "r", "--max-steps", "4", "--save-every", "2") == 0
+    last = Path("checkpoints/r/last.pt")
+    last.write_bytes(last.read_bytes()[:1000])
+    assert run_train("--run-name", "r", "--max-steps", "6", "--save-every", "2") == 0
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "warning" in err
+    assert weights("r")["step"] == 6
+
+
+def test_resume_refuses_architecture_change_and_applies_training_change(capsys):
+    assert run_train("--run-name", "r", "--max-steps", "2") == 0
+    assert run_train("--run-name", "r", "--max-steps", "2", "--base-channels", "64") == 1
+    assert "--base-channels 64 would change the model" in capsys.readouterr().err
+    assert run_train("--run-name", "r", "--max-steps", "3") == 0
+    assert "changed settings: max_steps=3" in capsys.readouterr().out
+    assert weights("r")["step"] == 3
+
+
+def test_resume_none_never_overwrites_a_run(capsys):
+    assert run_train("--run-name", "r", "--max-steps", "2") == 0
+    before = Path("checkpoints/r/last.pt").read_bytes()
+    assert run_train("--run-name", "r", "--max-steps", "2", "--resume", "none") == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert Path("checkpoints/r/last.pt").read_bytes() == before
+
+
+# --- checkpoint files -------------------------------------------------------------------------------
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(monkeypatch):
+    path = Path("ckpt/last.pt")
+    utils.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def crash_halfway(state, f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(RuntimeError):
+        utils.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(monkeypatch):
+    path = Path("ckpt/last.pt")
+    utils.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def disk_full(state, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(utils.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        utils.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_full_disk_during_training_exits_with_the_message(monkeypatch, capsys):
+    assert run_train("--run-name", "r", "--max-steps", "2") == 0
+    before = Path("checkpoints/r/last.pt").read_bytes()
+
+    def disk_full(state, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert run_train("--run-name", "r", "--max-steps", "4") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert Path("checkpoints/r/last.pt").read_bytes() == before
+
+
+class Payload:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_in_a_checkpoint_is_refused():
+    torch.save({"model": {}, "config": {}, "extra": Payload()}, "evil.pt")
+    with pytest.raises(utils.CheckpointError, match="cannot be read"):
+        utils.load_checkpoint("evil.pt")
+    assert not Path("pwned").exists()
+
+
+def test_checkpoint_contents_and_pruning():
+    assert run_train("--run-name", "r", "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "2") == 0
+    state = weights("r")
+    for key in ("model", "ema", "optimizer", "lr_scheduler", "scaler", "step", "epoch", "config", "rng"):
+        assert key in state
+    assert state["config"]["base_channels"] == 32
+    assert [path.name for path in utils.step_checkpoints("checkpoints/r")] == [
+        "step_0000003.pt", "step_0000002.pt"]
+
+
+def test_unwrap_model_strips_compile_and_ddp_wrappers():
+    model = torch.nn.Linear(2, 2)
+    compiled = torch.compile(model)  # compiles lazily: nothing runs here
+    assert utils.unwrap_model(compiled) is model
+    assert not any(name.startswith("_orig_mod.") for name in utils.unwrap_model(compiled).state_dict())
+
+
+# --- LR, EMA, accumulation, precision, bad steps ----------------------------------------------------
+
+def test_lr_schedule_warmup_cosine_and_constant():
+    import config
+    cfg = config.get_config("demo", warmup_steps=100, lr_schedule="cosine")
+    assert train.lr_factor(0, cfg, 1100) == pytest.approx(0.01)  # the first step already learns
+    assert train.lr_factor(49, cfg, 1100) == pytest.approx(0.5)
+    assert train.lr_factor(99, cfg, 1100) == pytest.approx(1.0)  # end of warmup: the peak
+    assert train.lr_factor(100, cfg, 1100) == pytest.approx(1.0)
+    assert train.lr_factor(600, cfg, 1100) == pytest.approx(0.5)  # halfway through the cosine
+    assert train.lr_factor(1100, cfg, 1100) == pytest.approx(0.0, abs=1e-12)  # end: zero
+    constant = config.get_config("demo", warmup_steps=100, lr_schedule="constant")
+    assert train.lr_factor(1000, constant, 1100) == 1.0
+
+
+def test_logged_lr_follows_the_schedule():
+    assert run_train("--run-name", "r", "--max-steps", "6", "--warmup-steps", "2") == 0
+    lr = utils.read_metrics(Path("results/logs/r/metrics.csv"))["lr"]
+    # after step s the next step's LR is peak * factor(s); cosine over the 4 steps after warmup
+    expected = [1e-3 * (s + 1) / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))
+                for s in range(1, 7)]
+    assert lr == pytest.approx(expected, abs=1e-9)
+
+
+def test_ema_update_is_the_documented_average():
+    model = torch.nn.Linear(3, 2)
+    ema = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    utils.update_ema(ema, model, decay=0.9)
+    for old, new, theta in zip(before, ema.parameters(), model.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * theta.detach())
+    assert train.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert train.ema_decay_at(10**7, 0.9999) == 0.9999
+
+
+def test_ema_weights_are_updated_after_every_step_and_saved():
+    assert run_train("--run-name", "r", "--max-steps", "3", "--ema-decay", "0.5", "--save-every", "1",
+                     "--keep-checkpoints", "5") == 0
+    step2 = weights("r", "step_0000002.pt")
+    step3 = weights("r", "step_0000003.pt")
+    decay = train.ema_decay_at(3, 0.5)  # min(0.5, 4/13)
+    for name, theta in step3["model"].items():
+        expected = decay * step2["ema"][name] + (1 - decay) * theta
+        assert torch.allclose(step3["ema"][name], expected, atol=1e-7), name
+    assert any(not torch.equal(step3["ema"][name], step3["model"][name]) for name in step3["model"])
+
+
+def test_two_micro_batches_equal_one_double_batch(monkeypatch):
+    # Make each image's noise and timestep a function of the image alone, so the split does not change them.
+    original = diffusion.GaussianDiffusion.training_loss
+
+    def per_image_draws(self, model, x0, y=None, **kwargs):
+        code = (x0.flatten(1) * torch.arange(1, x0[0].numel() + 1)).sum(1)
+        t = (code.abs() * 1000).long() % self.num_timesteps
+        noise = torch.sin(x0 * 13.0 + code[:, None, None, None])
+        return original(self, model, x0, y, t=t, noise=noise)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", per_image_draws)
+    assert run_train("--run-name", "a", "--max-steps", "1", "--batch-size", "8", "--grad-accum", "2") == 0
+    assert run_train("--run-name", "b", "--max-steps", "1", "--batch-size", "16", "--grad-accum", "1") == 0
+    # After one Adam step, exp_avg = (1 - beta1) * gradient: compare the gradients themselves, equal up to float
+    # summation order. (The weights are not compared: Adam's first update is lr * sign(g), which turns the
+    # rounding noise of near-zero gradients into differences the size of the learning rate.)
+    state_a = weights("a")["optimizer"]["state"]
+    state_b = weights("b")["optimizer"]["state"]
+    assert len(state_a) == len(state_b) > 0
+    for slot_a, slot_b in zip(state_a.values(), state_b.values()):
+        assert torch.allclose(slot_a["exp_avg"], slot_b["exp_avg"], rtol=1e-4, atol=1e-9)
+    # and the step really saw 16 images: not the same as a single micro-batch of 8
+    assert run_train("--run-name", "c", "--max-steps", "1", "--batch-size", "8", "--grad-accum", "1") == 0
+    state_c = weights("c")["optimizer"]["state"]
+    assert not all(torch.allclose(slot_a["exp_avg"], slot_c["exp_avg"], rtol=1e-4, atol=1e-9)
+                   for slot_a, slot_c in zip(state_a.values(), state_c.values()))
+
+
+def test_bf16_autocast_on_cpu_gives_finite_loss():
+    assert run_train("--run-name", "r", "--max-steps", "3", "--amp", "bf16") == 0
+    loss = utils.read_metrics(Path("results/logs/r/metrics.csv"))["loss"]
+    assert all(math.isfinite(value) for value in loss)
+
+
+def test_fp16_on_cpu_is_refused_with_a_sentence(capsys):
+    assert run_train("--run-name", "r", "--max-steps", "1", "--amp", "fp16") == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_non_finite_loss_skips_the_step_and_too_many_stop_the_run(monkeypatch, capsys):
+    original = diffusion.GaussianDiffusion.training_loss
+    calls = {"n": 0}
+
+    def nan_on_third_call(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", nan_on_third_call)
+    assert run_train("--run-name", "r", "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "5") == 0
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+    step2 = weights("r", "step_0000002.pt")
+    step3 = weights("r", "step_0000003.pt")
+    assert step3["bad_steps"] == 1
+    for name in step2["model"]:
+        assert torch.equal(step2["model"][name], step3["model"][name])  # the bad step changed nothing
+    assert all(torch.isfinite(value).all() for value in weights("r")["model"].values())
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss",
+                        lambda self, *args, **kwargs: original(self, *args, **kwargs) * float("nan"))
+    before = Path("checkpoints/r/last.pt").read_bytes()
+    assert run_train("--run-name", "r", "--max-steps", "10", "--max-bad-steps", "2") == 1
+    assert "non-finite losses in a row" in capsys.readouterr().err
+    assert Path("checkpoints/r/last.pt").read_bytes() == before
+
+
+# --- outputs and processes --------------------------------------------------------------------------
+
+def test_run_writes_metrics_plot_samples_and_tensorboard():
+    assert run_train("--run-name", "r", "--max-steps", "4", "--sample-every", "2") == 0
+    metrics = utils.read_metrics(Path("results/logs/r/metrics.csv"))
+    for column in ("step", "epoch", "loss", "lr", "grad_norm", "img_per_sec"):
+        assert len(metrics[column]) == 4
+    assert Path("results/plots/r/loss.png").stat().st_size > 0
+    assert sorted(path.name for path in Path("results/images/r").glob("*.png")) == [
+        "step_0000002.png", "step_0000004.png"]
+    assert any(Path("results/logs/r").glob("events.out.tfevents.*"))
+    assert Path("results/logs/r/config.json").exists()
+
+
+def test_two_process_gloo_run_trains_and_resumes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               str(REPO / "train.py"), *TINY, "--run-name", "ddp", "--batch-size", "4", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    first = subprocess.run([*command, "--max-steps", "3"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["step"] == 3
+    assert len(utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["rng"]) == 2
+    second = subprocess.run([*command, "--max-steps", "5"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout
+    assert utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["step"] == 5
+    # Only rank 0 writes the metrics file: one row per step.
+    assert utils.read_metrics(tmp_path / "results/logs/ddp/metrics.csv")["step"] == [1, 2, 3, 4, 5]

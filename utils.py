@@ -1,0 +1,336 @@
+"""What the scripts share: devices and mixed precision, checkpoint files, EMA, RNG state, metrics, pictures.
+
+Imports no project module but config, and no script.
+"""
+
+import contextlib
+import csv
+import math
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = Path("checkpoints")
+RESULTS_DIR = Path("results")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or written; the message is one sentence for the user."""
+
+
+def fail(message, code=1):
+    """Print `error: message` to stderr and exit with a non-zero code (for mistakes a user can fix)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# --- device and mixed precision ---------------------------------------------------------------------
+
+def resolve_device(name):
+    """torch.device for `auto` (CUDA when available), `cpu` or `cuda`; asking for a missing GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_amp(amp, device):
+    """The autocast dtype for an `amp` setting on `device`, or None for full fp32.
+
+    `auto` means bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older GPUs, and fp32 on CPU.
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (fast on CPUs with AMX) or none")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use --amp fp16")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def autocast(device, dtype):
+    """An autocast context for `dtype` on `device`, or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def unwrap_model(model):
+    """The plain module inside DistributedDataParallel and torch.compile wrappers.
+
+    Saving the unwrapped module keeps `module.` and `_orig_mod.` prefixes out of checkpoint keys.
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# --- exponential moving average of the weights --------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema <- decay * ema + (1 - decay) * theta for every parameter; buffers are copied."""
+    ema_params = list(ema_model.parameters())
+    params = [p.detach() for p in model.parameters()]
+    # lerp(ema, theta, 1 - decay) = ema + (1 - decay)(theta - ema) = decay * ema + (1 - decay) * theta
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+# --- random number generators --------------------------------------------------------------------------
+
+def get_rng_state():
+    """Every RNG state a training step touches, as tensors and plain types (loadable with weights_only)."""
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what `get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically: a crash at any moment leaves the previous file intact.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsync'd, and the temporary file is then
+    renamed over `path` (an atomic operation on POSIX file systems). A full disk or an unwritable folder raises
+    CheckpointError and leaves nothing half-written behind.
+    """
+    path = Path(path)
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        # fsync the folder too, so the rename itself survives a power cut.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
+        raise CheckpointError(f"could not write checkpoint {path} ({error.strerror or error}); "
+                              f"the previous checkpoint is intact") from error
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()  # only still there if something failed before the rename
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint with `torch.load(weights_only=True)`: tensors and plain types only, so a file from a
+    stranger cannot run code. Missing, truncated, corrupt or unsafe files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated, corrupt, or holds "
+                              f"something other than tensors and plain values ({reason[:200]})") from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this repository (no 'model' and 'config' entries)")
+    return state
+
+
+def step_checkpoints(run_dir):
+    """The run's step_<N>.pt files, newest (highest N) first."""
+    pattern = re.compile(r"step_(\d+)\.pt$")
+    found = []
+    for path in Path(run_dir).glob("step_*.pt"):
+        match = pattern.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def load_latest_checkpoint(run_dir, map_location="cpu"):
+    """(path, state) of the newest readable checkpoint of a run: `last.pt`, else the newest step file.
+
+    An unreadable file is skipped with a warning naming it. Returns (None, None) when the run has none.
+    """
+    candidates = [Path(run_dir) / "last.pt"] + step_checkpoints(run_dir)
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as error:
+            print(f"warning: {error}; trying an older checkpoint", file=sys.stderr)
+    return None, None
+
+
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` step_<N>.pt files (last.pt is never deleted)."""
+    for path in step_checkpoints(run_dir)[keep:]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+class MetricsCSV:
+    """Appends rows of metrics to a CSV file, one column per key of the first row.
+
+    When a run resumes from step N, rows logged after N by the interrupted run are dropped first, so the file
+    reads as one uninterrupted run.
+    """
+
+    def __init__(self, path, resume_step=0):
+        self.path = Path(path)
+        self.fieldnames = None
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fieldnames = reader.fieldnames
+                rows = [row for row in reader if resume_step and int(row["step"]) <= resume_step]
+            self._rewrite(rows)
+
+    def _rewrite(self, rows):
+        with open(self.path, "w", newline="") as f:
+            if self.fieldnames and rows:
+                writer = csv.DictWriter(f, fieldnames=self.fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+            elif not rows:
+                self.fieldnames = None
+
+    def log(self, row):
+        """Append one row (a dict); the first row fixes the columns."""
+        write_header = self.fieldnames is None
+        if write_header:
+            self.fieldnames = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fieldnames)
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def read_metrics(path):
+    """The columns of a metrics CSV as a dict of float lists."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {key: [float(row[key]) for row in rows] for key in rows[0]}
+
+
+def smooth(values, weight=0.9):
+    """Exponential moving average with bias correction (what TensorBoard's smoothing slider does)."""
+    smoothed = []
+    average = 0.0
+    for i, value in enumerate(values):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight ** (i + 1)))
+    return smoothed
+
+
+def plot_loss(csv_path, png_path, title=None):
+    """Draw the loss curve of a metrics CSV (raw and smoothed, log scale) into a PNG. Returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_metrics(csv_path)
+    if not metrics.get("loss"):
+        raise ValueError(f"{csv_path} holds no loss values yet")
+    steps = metrics["step"]
+    loss = metrics["loss"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    ax.plot(steps, smooth(loss), color="tab:blue", linewidth=2, label="smoothed")
+    if all(value > 0 for value in loss):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# --- pictures -------------------------------------------------------------------------------------------
+
+def to_uint8(images):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 numpy (B, H, W, C) with 3 channels (grayscale repeated)."""
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images, nrow=None, padding=2):
+    """Images in [-1, 1], (B, C, H, W) -> one uint8 grid image (H', W', 3), `nrow` images per row."""
+    import torchvision
+
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = torchvision.utils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=padding,
+                                       pad_value=1.0)  # (3, H', W'), white gaps between images
+    return to_uint8(grid.unsqueeze(0))[0]
+
+
+def save_grid(images, path, nrow=None):
+    """Save images in [-1, 1], (B, C, H, W) as one PNG grid. Returns the path."""
+    import imageio.v3 as iio
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, make_grid(images, nrow))
+    return Path(path)
+
+
+def unique_path(path):
+    """`path` if it does not exist yet, else the same name with _1, _2, ... so nothing is overwritten."""
+    path = Path(path)
+    candidate = path
+    index = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{index}{path.suffix}")
+        index += 1
+    return candidate
