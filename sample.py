@@ -1,0 +1,533 @@
+"""Sample images from a trained diffusion model, and draw pictures that show how diffusion works.
+
+    python sample.py                                     # 64 images from checkpoints/cifar10/last.pt, EMA weights
+    python sample.py --run-name demo --sampler dpmpp2m   # another run, another sampler
+    python sample.py --run-name demo --format npz --num-samples 50000   # for FID tools: arr_0 (N, H, W, 3) uint8
+    python sample.py --pretrained data/ddpm-cifar10-32   # the original DDPM CIFAR-10 weights (diffusers format)
+    python sample.py --export-diffusers out/my-ddpm      # write the EMA weights in the diffusers format, and stop
+    python sample.py --run-name demo-cond --class-label circle cross --guidance-scale 3   # a model trained with
+    python sample.py --run-name demo-cond --class-grid   # one row per class       # labels (--num-classes 4)
+    python sample.py --run-name demo --init-image photo.png --strength 0.6     # SDEdit: image to image
+    python sample.py --run-name demo --init-image photo.png --mask mask.png    # inpaint the mask's white pixels
+    python sample.py --run-name demo --gif               # watch the reverse process: a GIF and a strip of steps
+    python sample.py --run-name demo --forward-figure --plot-loss             # forward process, schedules, loss
+
+Samplers and their default --steps: ddpm (ancestral sampling, DDPM Alg. 2: all T steps), ddim (DDIM, 100 steps;
+--eta 0 is deterministic) and dpmpp2m (DPM-Solver++(2M), 20 steps). All noise comes from one CPU generator seeded
+by --seed, so a seed gives the same images on a CPU and on a GPU (up to floating-point rounding).
+
+Image to image (SDEdit, Meng et al. 2022): the --init-image is noised to t0 = strength x T with q(x_t | x_0) and
+denoised from there, so the result keeps the input's layout and takes on the look of the training data;
+strength 0 returns the input, 1 starts from pure noise and ignores it. Only the steps below t0 run
+(strength x steps of them). With --mask (a black-and-white image), WHITE pixels are repainted and BLACK pixels
+are kept from the input: after every step the kept pixels are reset to the input noised to that step's level.
+
+Outputs, never overwriting earlier ones (an existing name gets _1, _2, ...); RUN is --run-name:
+    results/images/RUN/samples_ddim_100steps.png      --format grid: one PNG grid (classes_*, sdedit_*, inpaint_*
+                                                      for --class-grid, --init-image and --mask; the first row of
+                                                      an image-to-image grid shows the input and the mask)
+    results/images/RUN/samples_ddim_100steps/         --format png: one PNG per image, 000000.png, 000001.png, ...
+    results/images/RUN/samples_ddim_100steps.npz      --format npz: arr_0 uint8 (N, H, W, 3), arr_1 the labels
+    results/images/RUN/process_ddim_100steps.gif      --gif: x_t (top row) and the predicted x_0 (bottom row) of
+    results/images/RUN/process_ddim_100steps_strip.png      up to 8 samples, and 10 of those steps side by side
+    results/plots/RUN/forward.png, schedules.png      --forward-figure: real images noised at growing t, and the
+                                                      linear and cosine schedules (beta_t, alpha_bar_t, log-SNR)
+    results/plots/RUN/loss.png                        --plot-loss: the loss curve from results/logs/RUN/metrics.csv
+--gif, --forward-figure and --plot-loss make their pictures instead of the usual samples; combine them freely.
+`python sample.py --help` lists every flag with its default.
+"""
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+import utils
+import visualize
+from config import flag_field
+from dataset import DatasetError, build_dataset, class_names
+from diffusion import create_diffusion, make_beta_schedule
+from model import PretrainedError, create_model, export_diffusers, load_pretrained
+
+DEFAULT_RUN = "cifar10"
+PRETRAINED_RUN = "pretrained"  # the run name outputs go under for --pretrained
+DEFAULT_STEPS = {"ddim": 100, "dpmpp2m": 20}  # ddpm: all T steps
+FORMATS = ("grid", "png", "npz")
+GIF_SAMPLES = 8          # samples shown in the GIF and the strip
+GIF_MAX_FRAMES = 100     # steps shown in the GIF, evenly spread over the trajectory
+GIF_FRAME_MS = 60
+GIF_HOLD_MS = 1500       # how long the GIF shows the finished samples before it loops
+STRIP_STEPS = 10         # steps shown side by side in the strip PNG
+FORWARD_IMAGES = 4       # real images in the forward-process figure
+FORWARD_FRACTIONS = (0, 0.1, 0.25, 0.5, 0.75, 1)  # t / T of its columns: t = 0, 100, 250, 500, 750, 999 for T = 1000
+
+
+class UsageError(Exception):
+    """Options that cannot work together or with this model; the message is one sentence for the user."""
+
+
+@dataclass
+class SampleOptions:
+    """What to sample and from which model. Every field is a --flag of the same name (see --help)."""
+
+    run_name: str = flag_field("", f"run to sample from: loads checkpoints/RUN/last.pt (or its newest readable "
+                                   f"step file) and writes under results/*/RUN/ (default {DEFAULT_RUN}; with "
+                                   f"--checkpoint the checkpoint's own run, with --pretrained '{PRETRAINED_RUN}')")
+    checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
+    pretrained: str = flag_field("", "a diffusers-format DDPM CIFAR-10 folder (or Hub id such as "
+                                     "google/ddpm-cifar10-32) to load instead of a checkpoint")
+    ema: bool = flag_field(True, "use the EMA weights (default); --no-ema uses the raw trained weights")
+    export_diffusers: str = flag_field("", "write the loaded model (ddpm-cifar10 architecture only) as a diffusers "
+                                           "UNet2DModel folder here, and exit")
+    sampler: str = flag_field("ddim", f"sampler: {', '.join(config.SAMPLERS)} (default ddim)")
+    steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: ddpm all T, ddim 100, dpmpp2m 20")
+    eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
+    num_samples: int = flag_field(64, "images to generate (default 64)")
+    batch_size: int = flag_field(64, "images per forward pass (default 64); lower it if memory runs out")
+    seed: int = flag_field(0, "random seed; the same seed gives the same images (default 0)")
+    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
+                                  "bf16")
+    device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
+    class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
+                                              "with labels; the samples are split between them (default: all)")
+    guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "
+                                            "conditional, 0 = unconditional, 2-5 = more typical of the class")
+    class_grid: bool = flag_field(False, "one row per class (all, or those of --class-label), "
+                                         "num-samples / classes images per row")
+    init_image: str = flag_field("", "SDEdit image to image: start from this picture, noised to --strength")
+    strength: float = flag_field(0.6, "how much of --init-image to replace, in [0, 1]: 0 = the input unchanged, "
+                                      "1 = pure noise (default 0.6; 1.0 with --mask)")
+    mask: str = flag_field("", "inpainting: a black-and-white image the size of --init-image; WHITE pixels are "
+                               "repainted, BLACK pixels are kept from the input")
+    out: str = flag_field("", "folder for the images (default results/images/RUN/)")
+    format: str = flag_field("grid", "grid (default: one PNG), png (one PNG per image) or npz (uint8 array arr_0 "
+                                     "of shape (N, H, W, 3), as OpenAI's FID tools read)")
+    gif: bool = flag_field(False, f"animate the reverse process of up to {GIF_SAMPLES} samples (x_t above the "
+                                  f"predicted x_0) as a GIF, plus a PNG strip of {STRIP_STEPS} steps")
+    forward_figure: bool = flag_field(False, "draw real images noised at growing t (forward.png) and the linear "
+                                             "and cosine noise schedules (schedules.png) into results/plots/RUN/")
+    plot_loss: bool = flag_field(False, "redraw the run's loss curve from results/logs/RUN/metrics.csv into "
+                                        "results/plots/RUN/loss.png")
+
+    def __post_init__(self):
+        self.class_label = tuple(self.class_label)  # argparse gives a list
+
+
+def parse_options(argv=None):
+    """SampleOptions from the command line; fields the user did not type keep the dataclass defaults."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_dataclass_flags(parser, SampleOptions, "options")
+    args = parser.parse_args(argv)
+    typed = {name: value for name, value in vars(args).items() if value is not None}
+    if args.mask and args.strength is None:
+        typed["strength"] = 1.0  # inpainting: by default the masked pixels are made from scratch
+    return SampleOptions(**typed)
+
+
+def check_options(opts):
+    """Raise UsageError for options that cannot work whatever the model."""
+    if opts.sampler not in config.SAMPLERS:
+        raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(config.SAMPLERS)}")
+    if opts.format not in FORMATS:
+        raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    if opts.amp not in config.AMP_MODES:
+        raise UsageError(f"unknown --amp {opts.amp!r}; choose one of {', '.join(config.AMP_MODES)}")
+    for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if opts.steps < 0:
+        raise UsageError(f"--steps must be positive (or 0 for the sampler's default), got {opts.steps}")
+    if not 0 <= opts.eta <= 1 or (opts.eta != 0 and opts.sampler != "ddim"):
+        raise UsageError(f"--eta must be in [0, 1] and only applies to --sampler ddim, got {opts.eta} with "
+                         f"{opts.sampler}")
+    if opts.guidance_scale < 0 or not math.isfinite(opts.guidance_scale):
+        raise UsageError(f"--guidance-scale must be 0 or more (0 = unconditional, 1 = plain conditional, "
+                         f"2-5 = stronger guidance), got {opts.guidance_scale}")
+    if not 0 <= opts.strength <= 1:
+        raise UsageError(f"--strength must be in [0, 1] (0 = keep the input, 1 = pure noise), got {opts.strength}")
+    if opts.mask and not opts.init_image:
+        raise UsageError("--mask needs --init-image, the picture whose black-masked pixels are kept")
+    if opts.checkpoint and opts.pretrained:
+        raise UsageError("give either --checkpoint or --pretrained, not both")
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+def runs_with_checkpoints():
+    """Names of the folders under checkpoints/ that hold last.pt or a step file."""
+    if not utils.CHECKPOINT_DIR.is_dir():
+        return []
+    return sorted(folder.name for folder in utils.CHECKPOINT_DIR.iterdir()
+                  if folder.is_dir() and ((folder / "last.pt").exists() or utils.step_checkpoints(folder)))
+
+
+def find_run_checkpoint(run):
+    """(path, state) of the newest readable checkpoint of `run`; UsageError naming the runs that exist."""
+    run_dir = utils.CHECKPOINT_DIR / run
+    path, state = utils.load_latest_checkpoint(run_dir)
+    if path is not None:
+        return path, state
+    runs = runs_with_checkpoints()
+    if run in runs:
+        raise UsageError(f"no checkpoint in {run_dir} can be read (see the warnings above); train the run again "
+                         f"or name a good file with --checkpoint")
+    known = f"runs with checkpoints: {', '.join(runs)}" if runs else "there are no trained runs yet"
+    raise UsageError(f"run {run!r} has no checkpoint in {run_dir} ({known}); choose one with --run-name, or train "
+                     f"one with `python train.py --preset demo`")
+
+
+def load_model_from_checkpoint(path, state, use_ema=True):
+    """(model, cfg): the network the checkpoint's own config describes, with its EMA (or raw) weights, in eval mode."""
+    cfg = config.config_from_dict(state["config"])
+    key = "ema" if use_ema else "model"
+    if key not in state:
+        raise utils.CheckpointError(f"{path} holds no {key!r} weights; try {'--no-ema' if use_ema else '--ema'}")
+    model = create_model(cfg)
+    try:
+        model.load_state_dict(state[key])
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise utils.CheckpointError(f"the weights in {path} do not fit the model its config describes "
+                                    f"({reason[:200]})") from error
+    return model.eval(), cfg
+
+
+def load_model(opts):
+    """(model, cfg, run, source): the model the options name (--pretrained, --checkpoint or the run's newest
+    checkpoint), the config it was trained with, the run name outputs go under, and where it came from."""
+    if opts.pretrained:
+        # The DDPM paper's model: linear betas, T = 1000, eps prediction; exactly the ddpm-cifar10 preset.
+        model = load_pretrained(opts.pretrained)
+        return model, config.get_config("ddpm-cifar10"), opts.run_name or PRETRAINED_RUN, opts.pretrained
+    if opts.checkpoint:
+        path = Path(opts.checkpoint)
+        state = utils.load_checkpoint(path)
+    else:
+        path, state = find_run_checkpoint(opts.run_name or DEFAULT_RUN)
+    model, cfg = load_model_from_checkpoint(path, state, opts.ema)
+    weights = "EMA" if opts.ema else "raw"
+    return model, cfg, opts.run_name or cfg.name, f"{path} ({weights} weights, step {state.get('step', '?')})"
+
+
+def model_class_names(cfg):
+    """The class names of the model's dataset, or the indices as strings when they cannot be read."""
+    try:
+        names = class_names(cfg)
+    except DatasetError:
+        names = []
+    return names if len(names) == cfg.num_classes else [str(index) for index in range(cfg.num_classes)]
+
+
+def parse_class_labels(values, names):
+    """Class indices for --class-label values, each a class name (any case) or an index into `names`;
+    the default ("all",) gives every class."""
+    if tuple(values) in ((), ("all",)):
+        return list(range(len(names)))
+    lookup = {name.lower(): index for index, name in enumerate(names)}
+    indices = []
+    for value in values:
+        if value.isdigit() and int(value) < len(names):
+            indices.append(int(value))
+        elif value.lower() in lookup:
+            indices.append(lookup[value.lower()])
+        else:
+            listing = ", ".join(f"{index} {name}" for index, name in enumerate(names))
+            raise UsageError(f"unknown class {value!r}; the model's classes are {listing}")
+    return indices
+
+
+def job_labels(classes, num_samples):
+    """The label of each of num_samples images: `classes` in equal consecutive blocks, in the given order."""
+    return torch.tensor([classes[i * len(classes) // num_samples] for i in range(num_samples)])
+
+
+def check_against_model(opts, cfg):
+    """Raise UsageError for options this model cannot follow; returns the number of sampling steps to use."""
+    T = cfg.timesteps
+    if opts.steps > T:
+        raise UsageError(f"--steps {opts.steps} is more than the model's {T} timesteps; use at most {T}")
+    if cfg.num_classes == 0:
+        if opts.class_label not in ((), ("all",)) or opts.class_grid:
+            raise UsageError("this model was trained without labels (num_classes = 0), so it takes no "
+                             "--class-label or --class-grid")
+        if opts.guidance_scale != 1:
+            raise UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels; this one "
+                             f"is unconditional, so leave it at 1")
+    return opts.steps or min(DEFAULT_STEPS.get(opts.sampler, T), T)
+
+
+# --- inputs for image to image -------------------------------------------------------------------------
+
+def read_picture(path, image_size, mode):
+    """A picture file as uint8 (C, H, W): converted to `mode` ("RGB" or "L"), shorter side resized to
+    image_size, then center-cropped to a square, as dataset.py does for image folders."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise UsageError(f"cannot read the image {path}: there is no such file")
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+    except (OSError, ValueError):  # PIL's "cannot identify image file", a truncated file, ...
+        raise UsageError(f"cannot read the image {path}: it is not a picture PIL can open (PNG, JPEG, ...)") from None
+    image = TF.center_crop(TF.resize(image, image_size, antialias=True), image_size)
+    return TF.pil_to_tensor(image)
+
+
+def load_init_image(path, cfg):
+    """The --init-image as the model sees images: (1, C, H, W) float32 in [-1, 1]."""
+    image = read_picture(path, cfg.image_size, "L" if cfg.channels == 1 else "RGB")
+    return (image.float() / 127.5 - 1)[None]
+
+
+def load_keep_mask(path, cfg):
+    """The --mask as (1, 1, H, W) float32: 1 where the input is kept (black pixels), 0 where it is repainted."""
+    gray = read_picture(path, cfg.image_size, "L")
+    return (gray < 128).float()[None]
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, diffusion, cfg, opts, device, amp_dtype=None, labels=None, init_image=None, keep_mask=None,
+             return_trajectory=False):
+    """Sample opts.num_samples images in batches of opts.batch_size: float32 (N, C, H, W) on the CPU, in [-1, 1].
+
+    opts.steps must already be resolved (> 0). labels: (N,) class labels, or None. init_image (1, C, H, W): SDEdit
+    from it at opts.strength; keep_mask (1, 1, H, W), 1 = keep: inpaint it. All noise comes from one CPU generator
+    seeded with opts.seed. With return_trajectory, returns (images, the first batch's trajectory): a list of
+    (t, x_t, x0_pred), as GaussianDiffusion.sample gives it.
+    """
+    T = diffusion.num_timesteps
+    generator = torch.Generator().manual_seed(opts.seed)
+    # SDEdit starts at t0 = strength x T and runs only the chain's steps below it (none when t0 = 0).
+    t0 = T if init_image is None else round(opts.strength * T)
+    steps = opts.steps if t0 == T else math.ceil(opts.steps * t0 / T)
+    num_batches = math.ceil(opts.num_samples / opts.batch_size)
+    progress = tqdm(total=num_batches * steps, desc=f"{opts.sampler}, {steps} steps x {num_batches} batch(es)",
+                    unit="step", dynamic_ncols=True)
+
+    def model_with_progress(*args):
+        progress.update()  # every sampling step calls the model once (guidance batches both calls into one)
+        return model(*args)
+
+    images = []
+    trajectory = None
+    for start in range(0, opts.num_samples, opts.batch_size):
+        size = min(opts.batch_size, opts.num_samples - start)
+        shape = (size, cfg.channels, cfg.image_size, cfg.image_size)
+        noise = torch.randn(shape, generator=generator).to(device)
+        x_T = noise
+        start_t = None
+        if init_image is not None and t0 < T:
+            # SDEdit: x_{t0} ~ q(x_{t0} | x_0 = input), which is table index t0 - 1; t0 = 0 is the input itself.
+            x0 = init_image.to(device).expand(shape)
+            start_t = t0
+            x_T = x0 if t0 == 0 else diffusion.q_sample(x0, torch.full((size,), t0 - 1, device=device), noise)
+        y = labels[start:start + size].to(device) if labels is not None else None
+        first = start == 0
+        with utils.autocast(device, amp_dtype):
+            result = diffusion.sample(
+                model_with_progress, shape, sampler=opts.sampler, steps=steps, eta=opts.eta, generator=generator,
+                y=y, guidance_scale=opts.guidance_scale, x_T=x_T, return_trajectory=return_trajectory and first,
+                start_t=start_t, mask=None if keep_mask is None else keep_mask.to(device),
+                x_known=None if keep_mask is None else init_image.to(device), device=device)
+        if return_trajectory and first:
+            result, trajectory = result
+        images.append(result.float().cpu())
+    progress.close()
+    images = torch.cat(images)
+    return (images, trajectory) if return_trajectory else images
+
+
+# --- outputs --------------------------------------------------------------------------------------------
+
+def output_stem(kind, opts):
+    """The name of an output without its suffix, e.g. samples_ddim_100steps or classes_ddpm_1000steps_w3."""
+    stem = f"{kind}_{opts.sampler}_{opts.steps}steps"
+    if opts.guidance_scale != 1:
+        stem += f"_w{opts.guidance_scale:g}"
+    if opts.init_image:
+        stem += f"_strength{opts.strength:g}"
+    return stem
+
+
+def save_samples(images, folder, stem, file_format, nrow, labels=None, header=None):
+    """Write images (N, C, H, W) in [-1, 1] as a grid PNG, a folder of PNGs, or an npz; returns the new path.
+
+    header: images for the grid's first row (the input and the mask of image to image), padded with white.
+    """
+    import imageio.v3 as iio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if file_format == "grid":
+        if header is not None:
+            nrow = max(nrow, len(header))
+            padding = torch.ones(nrow - len(header), *header.shape[1:])  # white
+            images = torch.cat([header, padding, images])
+        return utils.save_grid(images, utils.unique_path(folder / f"{stem}.png"), nrow=nrow)
+    if file_format == "npz":
+        path = utils.unique_path(folder / f"{stem}.npz")
+        arrays = {"arr_0": utils.to_uint8(images)}  # (N, H, W, 3) uint8, as guided-diffusion's evaluator reads
+        if labels is not None:
+            arrays["arr_1"] = labels.numpy()
+        np.savez(path, **arrays)
+        return path
+    path = utils.unique_path(folder / stem)
+    path.mkdir(parents=True)
+    for index, picture in enumerate(utils.to_uint8(images)):
+        iio.imwrite(path / f"{index:06d}.png", picture)
+    return path
+
+
+def export(model, cfg, out_dir):
+    """Write the model in the diffusers format into a new or empty folder; returns the folder."""
+    folder = Path(out_dir)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UsageError(f"{folder} already exists and is not an empty folder; choose a new one (nothing was "
+                         f"overwritten)")
+    if (cfg.objective, cfg.beta_schedule, cfg.timesteps) != ("eps", "linear", 1000):
+        print(f"notice: this model predicts {cfg.objective} over a {cfg.beta_schedule} schedule of "
+              f"{cfg.timesteps} steps; set up the diffusers scheduler to match (DDPM's is eps, linear, 1000)")
+    return export_diffusers(model, folder)
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+def real_images(cfg, count):
+    """`count` test images (count, C, H, W) of the model's dataset, or of the built-in shapes when it is not
+    available offline (with a notice)."""
+    try:
+        data = build_dataset(cfg, train=False)
+    except DatasetError as error:
+        print(f"notice: the forward-process figure uses the built-in shapes, since {cfg.dataset} is not "
+              f"available: {error}")
+        data = build_dataset(dataclasses.replace(cfg, dataset="shapes", channels=3, num_classes=0), train=False)
+    return torch.stack([data[index * len(data) // count][0] for index in range(count)])
+
+
+def forward_figure(cfg, diffusion, seed, plot_dir):
+    """forward.png: real images x_0 noised by q(x_t | x_0) at t = FORWARD_FRACTIONS x T, the same eps in every
+    column, so the picture shows the signal fading as alpha_bar_t falls. Returns the path."""
+    images = real_images(cfg, FORWARD_IMAGES)
+    T = diffusion.num_timesteps
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    columns = []
+    for fraction in FORWARD_FRACTIONS:
+        t = min(round(fraction * T), T - 1)
+        x_t = diffusion.q_sample(images, torch.full((len(images),), t), eps)
+        columns.append((t, diffusion.alphas_cumprod[t].item(), x_t))
+    title = (r"forward process $q(x_t \mid x_0)$: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,"
+             r"\epsilon$, the same $\epsilon$ in every column" + f" ({cfg.beta_schedule} schedule, T = {T})")
+    return visualize.forward_process_figure(columns, utils.unique_path(plot_dir / "forward.png"), title)
+
+
+def schedule_figure(cfg, plot_dir):
+    """schedules.png: beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules over the model's T."""
+    schedules = {name: make_beta_schedule(name, cfg.timesteps) for name in config.BETA_SCHEDULES}
+    return visualize.schedule_figure(schedules, utils.unique_path(plot_dir / "schedules.png"), cfg.beta_schedule)
+
+
+def plot_run_loss(run, plot_dir):
+    """loss.png: the run's loss curve, redrawn from results/logs/RUN/metrics.csv. Returns the path."""
+    csv_path = utils.RESULTS_DIR / "logs" / run / "metrics.csv"
+    if not csv_path.is_file():
+        raise UsageError(f"--plot-loss needs the training log {csv_path}, which does not exist; train the run "
+                         f"here first, or name another run with --run-name")
+    try:
+        return utils.plot_loss(csv_path, utils.unique_path(plot_dir / "loss.png"), title=f"{run}: training loss")
+    except (ValueError, KeyError) as error:
+        raise UsageError(f"cannot plot {csv_path}: {error}") from None
+
+
+# --- the script -----------------------------------------------------------------------------------------
+
+def run(opts):
+    """Do what the options ask; returns the paths written."""
+    check_options(opts)
+    try:
+        device = utils.resolve_device(opts.device)
+        amp_dtype = utils.resolve_amp(opts.amp, device)
+    except RuntimeError:  # torch.device("tpu") and the like
+        raise UsageError(f"unknown --device {opts.device!r}; use auto, cpu or cuda") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    model, cfg, run_name, source = load_model(opts)
+    model.to(device)
+    if opts.export_diffusers:
+        return [export(model, cfg, opts.export_diffusers)]
+    opts = dataclasses.replace(opts, steps=check_against_model(opts, cfg))
+    diffusion = create_diffusion(cfg)
+    image_dir = Path(opts.out) if opts.out else utils.RESULTS_DIR / "images" / run_name
+    plot_dir = utils.RESULTS_DIR / "plots" / run_name
+
+    written = []
+    if opts.plot_loss:
+        written.append(plot_run_loss(run_name, plot_dir))
+    if opts.forward_figure:
+        written += [forward_figure(cfg, diffusion, opts.seed, plot_dir), schedule_figure(cfg, plot_dir)]
+    if opts.gif or not written:  # the figures replace the samples, the GIF does not
+        written += make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source)
+    return written
+
+
+def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source):
+    """Sample what the options ask (labels, image to image, GIF or not) and write it; returns the paths."""
+    classes = None
+    nrow = math.ceil(math.sqrt(opts.num_samples))
+    if cfg.num_classes > 0:
+        names = model_class_names(cfg)
+        classes = parse_class_labels(opts.class_label, names)
+        if opts.class_grid:
+            nrow = max(1, opts.num_samples // len(classes))
+            opts = dataclasses.replace(opts, num_samples=nrow * len(classes))
+            print("rows of the class grid: " + ", ".join(names[index] for index in classes))
+    if opts.gif:
+        opts = dataclasses.replace(opts, num_samples=min(GIF_SAMPLES, opts.num_samples),
+                                   batch_size=min(GIF_SAMPLES, opts.num_samples))
+    labels = job_labels(classes, opts.num_samples) if classes else None
+    init_image = load_init_image(opts.init_image, cfg) if opts.init_image else None
+    keep_mask = load_keep_mask(opts.mask, cfg) if opts.mask else None
+    print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
+          f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
+
+    if opts.gif:
+        images, trajectory = generate(model, diffusion, cfg, opts, device, amp_dtype, labels, init_image, keep_mask,
+                                      return_trajectory=True)
+        if not trajectory:
+            raise UsageError("--strength 0 leaves no step to animate; use a larger --strength with --gif")
+        stem = output_stem("process", opts)
+        gif = visualize.write_gif(trajectory, images, utils.unique_path(image_dir / f"{stem}.gif"),
+                                  max_frames=GIF_MAX_FRAMES, frame_ms=GIF_FRAME_MS, hold_ms=GIF_HOLD_MS)
+        return [gif, visualize.write_strip(trajectory, utils.unique_path(image_dir / f"{stem}_strip.png"),
+                                           STRIP_STEPS)]
+
+    images = generate(model, diffusion, cfg, opts, device, amp_dtype, labels, init_image, keep_mask)
+    kind = "inpaint" if opts.mask else "sdedit" if opts.init_image else "classes" if opts.class_grid else "samples"
+    header = None
+    if init_image is not None:
+        header = init_image if keep_mask is None else torch.cat([init_image, init_image * keep_mask])  # grey = repaint
+    return [save_samples(images, image_dir, output_stem(kind, opts), opts.format, nrow, labels, header)]
+
+
+def main(argv=None):
+    """The command line: parse the flags, do the work, print every path written; one sentence on a bad input."""
+    opts = parse_options(argv)
+    try:
+        written = run(opts)
+    except (UsageError, utils.CheckpointError, config.ConfigError, DatasetError, PretrainedError) as error:
+        utils.fail(error)
+    print("wrote:")
+    for path in written:
+        print(f"  {path}" + (f"/ ({sum(1 for _ in path.iterdir())} files)" if path.is_dir() else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""sample.py: samplers and output formats, the reverse-process GIF, SDEdit, inpainting, guidance, class labels,
+outputs that never overwrite, and one clear sentence for every bad input.
+
+Each test works in its own temporary folder (sample.py reads checkpoints/ and writes results/ relative to the
+working directory) with two tiny hand-made checkpoints: `uncond` and `cond` (4 shapes classes), 16x16, T = 20.
+"""
+
+import csv
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import config
+import dataset
+import sample
+import utils
+from diffusion import create_diffusion
+from model import create_model
+
+TINY = dict(image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
+            num_res_blocks=1, timesteps=20)
+FAST = ["--num-samples", "4", "--steps", "4"]
+
+
+def tiny_checkpoint(run, num_classes, seed):
+    """Write checkpoints/RUN/last.pt by hand: raw weights != EMA weights, both with a non-zero output conv."""
+    cfg = config.get_config("demo", num_classes=num_classes, run_name=run, **TINY)
+    torch.manual_seed(seed)
+    ema_model = create_model(cfg)
+    raw_model = create_model(cfg)
+    with torch.no_grad():  # the zero-initialised output conv would make every prediction 0
+        ema_model.out_conv.weight.normal_(0, 0.05)
+        raw_model.out_conv.weight.normal_(0, 0.05)
+    state = {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "config": config.config_to_dict(cfg),
+             "step": 0, "epoch": 0}
+    path = Path("checkpoints") / run / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # On a few shared cores, more than one thread makes these tiny convolutions several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"uncond": tiny_checkpoint("uncond", 0, seed=0), "cond": tiny_checkpoint("cond", 4, seed=1)}
+    torch.set_num_threads(threads)
+
+
+def run_sample(*flags):
+    """Run sample.main in-process; returns the exit code (0 when it returned normally)."""
+    try:
+        sample.main([str(flag) for flag in flags])
+    except SystemExit as exit:
+        return exit.code or 0
+    return 0
+
+
+def only_file(folder, pattern="*"):
+    files = sorted(Path(folder).glob(pattern))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def npz_of(run, *flags):
+    """Run sample.py with --format npz and return its arr_0 (and arr_1 when written)."""
+    assert run_sample("--run-name", run, "--format", "npz", *flags) == 0
+    with np.load(only_file(Path("results/images") / run, "*.npz")) as data:
+        return {key: data[key] for key in data.files}
+
+
+def loaded(run, use_ema=True):
+    """(model, diffusion, cfg) of a tiny checkpoint, as sample.py loads it."""
+    path = Path("checkpoints") / run / "last.pt"
+    model, cfg = sample.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
+    return model, create_diffusion(cfg), cfg
+
+
+def options(**changes):
+    values = dict(num_samples=4, batch_size=4, steps=4, sampler="ddim")
+    return sample.SampleOptions(**{**values, **changes})
+
+
+def write_picture(path, pixels):
+    iio.imwrite(path, pixels)
+    return path
+
+
+def random_picture(path, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return write_picture(path, pixels), pixels
+
+
+# --- samplers, formats and the checkpoint ----------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", config.SAMPLERS)
+def test_every_sampler_gives_finite_varied_images_and_npz_holds_them(sampler):
+    model, diffusion, cfg = loaded("uncond")
+    images = sample.generate(model, diffusion, cfg, options(sampler=sampler), torch.device("cpu"))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    assert images.std() > 0.1  # not a constant picture
+
+    arrays = npz_of("uncond", "--sampler", sampler, *FAST)
+    assert arrays["arr_0"].shape == (4, 16, 16, 3) and arrays["arr_0"].dtype == np.uint8
+    assert "arr_1" not in arrays  # no labels for an unconditional model
+    np.testing.assert_array_equal(arrays["arr_0"], utils.to_uint8(images))  # the same seed, the same samples
+
+
+def test_default_steps_follow_the_sampler_and_are_capped_at_T():
+    _, _, cfg = loaded("uncond")
+    steps = {sampler: sample.check_against_model(options(sampler=sampler, steps=0), cfg)
+             for sampler in config.SAMPLERS}
+    assert steps == {"ddpm": 20, "ddim": 20, "dpmpp2m": 20}  # T = 20 caps ddim's 100
+    cfg_long = config.get_config("demo", timesteps=1000)
+    steps = {sampler: sample.check_against_model(options(sampler=sampler, steps=0), cfg_long)
+             for sampler in config.SAMPLERS}
+    assert steps == {"ddpm": 1000, "ddim": 100, "dpmpp2m": 20}
+
+
+def test_batches_do_not_change_deterministic_samples():
+    # All noise comes from one generator in order, so DDIM (eta 0) gives the same images in any batch split.
+    model, diffusion, cfg = loaded("uncond")
+    whole = sample.generate(model, diffusion, cfg, options(num_samples=5, batch_size=5), torch.device("cpu"))
+    split = sample.generate(model, diffusion, cfg, options(num_samples=5, batch_size=2), torch.device("cpu"))
+    assert split.shape == (5, 3, 16, 16)
+    torch.testing.assert_close(split, whole, atol=1e-4, rtol=0)
+
+
+def test_one_progress_bar_counts_every_step_of_every_batch(capsys):
+    assert run_sample("--run-name", "uncond", "--num-samples", "5", "--batch-size", "2", "--steps", "4") == 0
+    assert "12/12" in capsys.readouterr().err  # 3 batches x 4 steps
+    random_picture("input.png", seed=0)
+    assert run_sample("--run-name", "uncond", "--init-image", "input.png", "--strength", "0.5", *FAST) == 0
+    assert "2/2" in capsys.readouterr().err  # SDEdit from t0 = 10 of 20 runs the 4-step chain's lower half
+
+
+def test_pretrained_weights_sample_with_the_ddpm_cifar10_config(monkeypatch, capsys):
+    model, _, _ = loaded("uncond")
+    monkeypatch.setattr(sample, "load_pretrained", lambda path: model)  # the U-Net is convolutional: 32x32 works
+    arrays = npz_of("pretrained", "--pretrained", "some/folder", "--num-samples", "2", "--steps", "2")
+    assert arrays["arr_0"].shape == (2, 32, 32, 3)
+    assert run_sample("--pretrained", "some/folder", "--steps", "1001") != 0
+    assert "more than the model's 1000 timesteps" in capsys.readouterr().err
+
+
+def test_png_format_writes_one_image_per_sample():
+    assert run_sample("--run-name", "uncond", "--format", "png", "--num-samples", "3", "--steps", "2") == 0
+    folder = only_file("results/images/uncond")
+    assert folder.is_dir() and folder.name == "samples_ddim_2steps"
+    pictures = sorted(folder.glob("*.png"))
+    assert [p.name for p in pictures] == ["000000.png", "000001.png", "000002.png"]
+    assert iio.imread(pictures[0]).shape == (16, 16, 3)
+
+
+def test_outputs_never_overwrite_and_every_path_is_printed(capsys):
+    for _ in range(2):
+        assert run_sample("--run-name", "uncond", *FAST) == 0
+    files = sorted(Path("results/images/uncond").iterdir())
+    assert [f.name for f in files] == ["samples_ddim_4steps.png", "samples_ddim_4steps_1.png"]
+    out = capsys.readouterr().out
+    assert all(str(f) in out for f in files)
+
+
+def test_sampling_uses_the_checkpoint_config_and_its_ema_weights():
+    ema = npz_of("uncond", *FAST)["arr_0"]
+    assert ema.shape[1:3] == (16, 16)  # the checkpoint's image size, not today's default of 32
+    model, diffusion, cfg = loaded("uncond", use_ema=True)
+    expected = utils.to_uint8(sample.generate(model, diffusion, cfg, options(), torch.device("cpu")))
+    np.testing.assert_array_equal(ema, expected)
+
+    raw = npz_of("uncond-raw", "--checkpoint", "checkpoints/uncond/last.pt", "--no-ema", *FAST)["arr_0"]
+    model, diffusion, cfg = loaded("uncond", use_ema=False)
+    np.testing.assert_array_equal(raw, utils.to_uint8(sample.generate(model, diffusion, cfg, options(),
+                                                                      torch.device("cpu"))))
+    assert not np.array_equal(raw, ema)
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_step_file(capsys):
+    run_dir = Path("checkpoints/uncond")
+    (run_dir / "last.pt").rename(run_dir / "step_0000010.pt")
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")
+    assert run_sample("--run-name", "uncond", *FAST) == 0
+    assert "step_0000010.pt" in capsys.readouterr().out
+
+
+# --- seeing the process ----------------------------------------------------------------------------------
+
+def test_gif_has_one_frame_per_step_plus_the_finished_samples():
+    assert run_sample("--run-name", "uncond", "--gif", "--num-samples", "3", "--steps", "5") == 0
+    gif = only_file("results/images/uncond", "*.gif")
+    assert gif.name == "process_ddim_5steps.gif"
+    frames = iio.imread(gif, index=None)
+    assert frames.shape[0] == 5 + 1
+    assert only_file("results/images/uncond", "*_strip.png").name == "process_ddim_5steps_strip.png"
+    assert not list(Path("results/images/uncond").glob("samples_*"))  # --gif replaces the sample grid
+
+
+def test_gif_frames_are_capped(monkeypatch):
+    monkeypatch.setattr(sample, "GIF_MAX_FRAMES", 4)
+    assert run_sample("--run-name", "cond", "--gif", "--num-samples", "2", "--sampler", "ddpm") == 0
+    frames = iio.imread(only_file("results/images/cond", "*.gif"), index=None)
+    assert frames.shape[0] == 4 + 1  # 4 of the 20 steps, evenly spread, and the finished samples
+
+
+def test_figures_are_drawn_instead_of_samples():
+    log_dir = Path("results/logs/uncond")
+    log_dir.mkdir(parents=True)
+    with open(log_dir / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["step", "epoch", "loss", "lr"], [1, 0, 1.0, 1e-3], [2, 0, 0.5, 1e-3]])
+    assert run_sample("--run-name", "uncond", "--forward-figure", "--plot-loss") == 0
+    names = sorted(path.name for path in Path("results/plots/uncond").iterdir())
+    assert names == ["forward.png", "loss.png", "schedules.png"]
+    assert not Path("results/images/uncond").exists()
+    assert sample.visualize.evenly_spaced(1000, 10)[::9] == [0, 999]
+
+
+# --- image to image ----------------------------------------------------------------------------------------
+
+def test_sdedit_strength_zero_returns_the_input():
+    path, pixels = random_picture("input.png", seed=0)
+    arrays = npz_of("uncond", "--init-image", path, "--strength", "0", *FAST)
+    assert arrays["arr_0"].shape == (4, 16, 16, 3)
+    for image in arrays["arr_0"]:
+        assert np.abs(image.astype(int) - pixels).max() <= 1
+
+
+def test_sdedit_strength_one_ignores_the_input_and_lower_strengths_do_not():
+    first, _ = random_picture("first.png", seed=0)
+    second, _ = random_picture("second.png", seed=1)
+
+    outputs = {}
+    for path in (first, second):
+        for strength in ("1", "0.5"):
+            arrays_dir = Path(f"out/{path}{strength}")
+            assert run_sample("--run-name", "uncond", "--format", "npz", "--init-image", path, "--strength",
+                              strength, "--out", arrays_dir, *FAST) == 0
+            with np.load(only_file(arrays_dir, "*.npz")) as data:
+                outputs[path, strength] = data["arr_0"]
+    np.testing.assert_array_equal(outputs[first, "1"], outputs[second, "1"])
+    assert not np.array_equal(outputs[first, "0.5"], outputs[second, "0.5"])
+
+
+def test_inpainting_keeps_the_black_pixels_of_the_mask_and_repaints_the_white():
+    path, pixels = random_picture("input.png", seed=0)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255  # repaint the right half
+    write_picture("mask.png", mask)
+    arrays = npz_of("uncond", "--init-image", path, "--mask", "mask.png", *FAST)
+    for image in arrays["arr_0"]:
+        np.testing.assert_array_equal(image[:, :8], pixels[:, :8])
+        assert np.abs(image[:, 8:].astype(int) - pixels[:, 8:]).mean() > 10
+
+
+def test_image_to_image_grid_shows_the_input_first():
+    path, pixels = random_picture("input.png", seed=0)
+    assert run_sample("--run-name", "uncond", "--init-image", path, "--strength", "0.5", *FAST) == 0
+    grid = iio.imread(only_file("results/images/uncond", "sdedit_*.png"))
+    np.testing.assert_array_equal(grid[2:18, 2:18], pixels)  # make_grid pads every image by 2 pixels
+
+
+# --- labels and guidance -----------------------------------------------------------------------------------
+
+def test_class_names_and_indices_map_to_labels():
+    names = dataset.CIFAR10_CLASSES
+    assert sample.parse_class_labels(["cat", "truck", "7", "Airplane"], names) == [3, 9, 7, 0]
+    assert sample.parse_class_labels(["all"], names) == list(range(10))
+    with pytest.raises(sample.UsageError, match="unknown class 'unicorn'.*3 cat"):
+        sample.parse_class_labels(["unicorn"], names)
+    with pytest.raises(sample.UsageError, match="unknown class '10'"):
+        sample.parse_class_labels(["10"], names)
+
+
+def test_labels_are_spread_over_the_classes_in_blocks():
+    assert npz_of("cond", "--num-samples", "8", "--steps", "2")["arr_1"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_class_label_and_class_grid_choose_the_rows():
+    arrays = npz_of("cond", "--class-grid", "--class-label", "cross", "0", "--num-samples", "7", "--steps", "2")
+    assert arrays["arr_1"].tolist() == [3, 3, 3, 0, 0, 0]  # 7 // 2 = 3 per row
+    assert arrays["arr_0"].shape[0] == 6
+
+
+def test_guidance_scale_zero_is_the_unconditional_model():
+    model, diffusion, cfg = loaded("cond")
+    cat = torch.full((4,), 2)
+    guided = sample.generate(model, diffusion, cfg, options(guidance_scale=0.0), torch.device("cpu"), labels=cat)
+    null = torch.full((4,), cfg.num_classes)  # the null label
+    unconditional = sample.generate(model, diffusion, cfg, options(), torch.device("cpu"), labels=null)
+    torch.testing.assert_close(guided, unconditional, atol=1e-4, rtol=0)
+
+
+def test_guidance_scale_one_is_the_conditional_model_alone():
+    model, diffusion, cfg = loaded("cond")
+    labels = torch.tensor([0, 1, 2, 3])
+    seen = []
+
+    def recording_model(x_t, t, y):
+        seen.append(y.clone())
+        return model(x_t, t, y)
+
+    conditional = sample.generate(recording_model, diffusion, cfg, options(), torch.device("cpu"), labels=labels)
+    assert all(torch.equal(y, labels) for y in seen)  # never the null label: no unconditional pass at w = 1
+    other = sample.generate(model, diffusion, cfg, options(), torch.device("cpu"), labels=labels.flip(0))
+    assert not torch.allclose(conditional, other)  # and the labels matter
+
+
+def test_guidance_scale_mixes_conditional_and_unconditional_predictions():
+    model, diffusion, cfg = loaded("cond")
+    labels = torch.tensor([0, 1, 2, 3])
+    w = 3.0
+
+    def guided_by_hand(x_t, t, y):
+        unconditional = model(x_t, t, torch.full_like(y, cfg.num_classes))
+        return unconditional + w * (model(x_t, t, y) - unconditional)
+
+    expected = sample.generate(guided_by_hand, diffusion, cfg, options(), torch.device("cpu"), labels=labels)
+    guided = sample.generate(model, diffusion, cfg, options(guidance_scale=w), torch.device("cpu"), labels=labels)
+    torch.testing.assert_close(guided, expected, atol=1e-3, rtol=0)  # w = 3 amplifies batch-size rounding
+
+
+# --- the diffusers export ----------------------------------------------------------------------------------
+
+def test_export_writes_the_ema_weights_into_a_new_folder(monkeypatch, capsys):
+    exported = {}
+    monkeypatch.setattr(sample, "export_diffusers", lambda model, folder: exported.update(model=model) or folder)
+    assert run_sample("--run-name", "uncond", "--export-diffusers", "out/diffusers") == 0
+    ema = utils.load_checkpoint("checkpoints/uncond/last.pt")["ema"]
+    assert all(torch.equal(value, ema[name]) for name, value in exported["model"].state_dict().items())
+    assert "out/diffusers" in capsys.readouterr().out
+    assert not Path("results/images").exists()  # exported, and stopped
+
+    Path("full").mkdir()
+    (Path("full") / "config.json").write_text("{}")
+    assert run_sample("--run-name", "uncond", "--export-diffusers", "full") != 0
+
+
+# --- bad input: one sentence and a non-zero exit -----------------------------------------------------------
+
+BAD_INPUTS = {
+    "unknown run": (["--run-name", "nope"], "run 'nope' has no checkpoint in checkpoints/nope (runs with "
+                                            "checkpoints: cond, uncond); choose one with --run-name, or train one "
+                                            "with `python train.py --preset demo`"),
+    "missing checkpoint": (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    "corrupt checkpoint": (["--checkpoint", "corrupt.pt"], "checkpoint corrupt.pt cannot be read"),
+    "unknown sampler": (["--run-name", "uncond", "--sampler", "euler"], "unknown sampler 'euler'; choose one of "
+                                                                        "ddpm, ddim, dpmpp2m"),
+    "too many steps": (["--run-name", "uncond", "--steps", "21"], "--steps 21 is more than the model's 20 "
+                                                                  "timesteps"),
+    "zero samples": (["--run-name", "uncond", "--num-samples", "0"], "--num-samples must be at least 1, got 0"),
+    "negative samples": (["--run-name", "uncond", "--num-samples", "-3"], "--num-samples must be at least 1, got -3"),
+    "zero batch": (["--run-name", "uncond", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    "label on unconditional": (["--run-name", "uncond", "--class-label", "cat"], "trained without labels"),
+    "grid on unconditional": (["--run-name", "uncond", "--class-grid"], "trained without labels"),
+    "unknown class": (["--run-name", "cond", "--class-label", "cat"], "unknown class 'cat'; the model's classes "
+                                                                      "are 0 circle, 1 square, 2 triangle, 3 cross"),
+    "negative guidance": (["--run-name", "cond", "--guidance-scale", "-1"], "--guidance-scale must be 0 or more"),
+    "guidance unconditional": (["--run-name", "uncond", "--guidance-scale", "3"], "needs a model trained with "
+                                                                                  "labels"),
+    "strength too large": (["--run-name", "uncond", "--init-image", "text.png", "--strength", "1.5"],
+                           "--strength must be in [0, 1]"),
+    "unreadable image": (["--run-name", "uncond", "--init-image", "text.png"], "cannot read the image text.png"),
+    "missing mask": (["--run-name", "uncond", "--init-image", "input.png", "--mask", "nomask.png"],
+                     "cannot read the image nomask.png"),
+    "mask alone": (["--run-name", "uncond", "--mask", "input.png"], "--mask needs --init-image"),
+    "eta with ddpm": (["--run-name", "uncond", "--sampler", "ddpm", "--eta", "0.5"], "only applies to --sampler ddim"),
+    "fp16 on cpu": (["--run-name", "uncond", "--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    "unknown format": (["--run-name", "uncond", "--format", "jpg"], "unknown format 'jpg'"),
+    "export other model": (["--run-name", "uncond", "--export-diffusers", "exported"],
+                           "only a U-Net with the ddpm-cifar10 architecture converts"),
+    "pretrained not a model": (["--pretrained", "empty"], "has no config.json"),
+    "no training log": (["--run-name", "uncond", "--plot-loss"], "--plot-loss needs the training log"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_sentence_and_a_non_zero_exit(case, capsys):
+    flags, message = BAD_INPUTS[case]
+    Path("corrupt.pt").write_bytes(b"\x80\x02 truncated")
+    Path("text.png").write_text("this is not a picture")
+    random_picture("input.png", seed=0)
+    Path("empty").mkdir()
+    assert run_sample(*flags) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
