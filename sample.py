@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import config
 import utils
@@ -53,11 +52,9 @@ import visualize
 from config import flag_field
 from dataset import DatasetError, build_dataset, class_names
 from diffusion import create_diffusion, make_beta_schedule
-from model import PretrainedError, create_model, export_diffusers, load_pretrained
+from model import PretrainedError, export_diffusers
+from utils import UsageError
 
-DEFAULT_RUN = "cifar10"
-PRETRAINED_RUN = "pretrained"  # the run name outputs go under for --pretrained
-DEFAULT_STEPS = {"ddim": 100, "dpmpp2m": 20}  # ddpm: all T steps
 FORMATS = ("grid", "png", "npz")
 GIF_SAMPLES = 8          # samples shown in the GIF and the strip
 GIF_MAX_FRAMES = 100     # steps shown in the GIF, evenly spread over the trajectory
@@ -68,17 +65,14 @@ FORWARD_IMAGES = 4       # real images in the forward-process figure
 FORWARD_FRACTIONS = (0, 0.1, 0.25, 0.5, 0.75, 1)  # t / T of its columns: t = 0, 100, 250, 500, 750, 999 for T = 1000
 
 
-class UsageError(Exception):
-    """Options that cannot work together or with this model; the message is one sentence for the user."""
-
-
 @dataclass
 class SampleOptions:
     """What to sample and from which model. Every field is a --flag of the same name (see --help)."""
 
     run_name: str = flag_field("", f"run to sample from: loads checkpoints/RUN/last.pt (or its newest readable "
-                                   f"step file) and writes under results/*/RUN/ (default {DEFAULT_RUN}; with "
-                                   f"--checkpoint the checkpoint's own run, with --pretrained '{PRETRAINED_RUN}')")
+                                   f"step file) and writes under results/*/RUN/ (default {utils.DEFAULT_RUN}; "
+                                   f"with --checkpoint the checkpoint's own run, with --pretrained "
+                                   f"'{utils.PRETRAINED_RUN}')")
     checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
     pretrained: str = flag_field("", "a diffusers-format DDPM CIFAR-10 folder (or Hub id such as "
                                      "google/ddpm-cifar10-32) to load instead of a checkpoint")
@@ -132,23 +126,12 @@ def parse_options(argv=None):
 
 def check_options(opts):
     """Raise UsageError for options that cannot work whatever the model."""
-    if opts.sampler not in config.SAMPLERS:
-        raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(config.SAMPLERS)}")
+    utils.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
-    if opts.amp not in config.AMP_MODES:
-        raise UsageError(f"unknown --amp {opts.amp!r}; choose one of {', '.join(config.AMP_MODES)}")
     for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if opts.steps < 0:
-        raise UsageError(f"--steps must be positive (or 0 for the sampler's default), got {opts.steps}")
-    if not 0 <= opts.eta <= 1 or (opts.eta != 0 and opts.sampler != "ddim"):
-        raise UsageError(f"--eta must be in [0, 1] and only applies to --sampler ddim, got {opts.eta} with "
-                         f"{opts.sampler}")
-    if opts.guidance_scale < 0 or not math.isfinite(opts.guidance_scale):
-        raise UsageError(f"--guidance-scale must be 0 or more (0 = unconditional, 1 = plain conditional, "
-                         f"2-5 = stronger guidance), got {opts.guidance_scale}")
     if not 0 <= opts.strength <= 1:
         raise UsageError(f"--strength must be in [0, 1] (0 = keep the input, 1 = pure noise), got {opts.strength}")
     if opts.mask and not opts.init_image:
@@ -158,62 +141,6 @@ def check_options(opts):
 
 
 # --- the model ------------------------------------------------------------------------------------------
-
-def runs_with_checkpoints():
-    """Names of the folders under checkpoints/ that hold last.pt or a step file."""
-    if not utils.CHECKPOINT_DIR.is_dir():
-        return []
-    return sorted(folder.name for folder in utils.CHECKPOINT_DIR.iterdir()
-                  if folder.is_dir() and ((folder / "last.pt").exists() or utils.step_checkpoints(folder)))
-
-
-def find_run_checkpoint(run):
-    """(path, state) of the newest readable checkpoint of `run`; UsageError naming the runs that exist."""
-    run_dir = utils.CHECKPOINT_DIR / run
-    path, state = utils.load_latest_checkpoint(run_dir)
-    if path is not None:
-        return path, state
-    runs = runs_with_checkpoints()
-    if run in runs:
-        raise UsageError(f"no checkpoint in {run_dir} can be read (see the warnings above); train the run again "
-                         f"or name a good file with --checkpoint")
-    known = f"runs with checkpoints: {', '.join(runs)}" if runs else "there are no trained runs yet"
-    raise UsageError(f"run {run!r} has no checkpoint in {run_dir} ({known}); choose one with --run-name, or train "
-                     f"one with `python train.py --preset demo`")
-
-
-def load_model_from_checkpoint(path, state, use_ema=True):
-    """(model, cfg): the network the checkpoint's own config describes, with its EMA (or raw) weights, in eval mode."""
-    cfg = config.config_from_dict(state["config"])
-    key = "ema" if use_ema else "model"
-    if key not in state:
-        raise utils.CheckpointError(f"{path} holds no {key!r} weights; try {'--no-ema' if use_ema else '--ema'}")
-    model = create_model(cfg)
-    try:
-        model.load_state_dict(state[key])
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise utils.CheckpointError(f"the weights in {path} do not fit the model its config describes "
-                                    f"({reason[:200]})") from error
-    return model.eval(), cfg
-
-
-def load_model(opts):
-    """(model, cfg, run, source): the model the options name (--pretrained, --checkpoint or the run's newest
-    checkpoint), the config it was trained with, the run name outputs go under, and where it came from."""
-    if opts.pretrained:
-        # The DDPM paper's model: linear betas, T = 1000, eps prediction; exactly the ddpm-cifar10 preset.
-        model = load_pretrained(opts.pretrained)
-        return model, config.get_config("ddpm-cifar10"), opts.run_name or PRETRAINED_RUN, opts.pretrained
-    if opts.checkpoint:
-        path = Path(opts.checkpoint)
-        state = utils.load_checkpoint(path)
-    else:
-        path, state = find_run_checkpoint(opts.run_name or DEFAULT_RUN)
-    model, cfg = load_model_from_checkpoint(path, state, opts.ema)
-    weights = "EMA" if opts.ema else "raw"
-    return model, cfg, opts.run_name or cfg.name, f"{path} ({weights} weights, step {state.get('step', '?')})"
-
 
 def model_class_names(cfg):
     """The class names of the model's dataset, or the indices as strings when they cannot be read."""
@@ -249,17 +176,10 @@ def job_labels(classes, num_samples):
 
 def check_against_model(opts, cfg):
     """Raise UsageError for options this model cannot follow; returns the number of sampling steps to use."""
-    T = cfg.timesteps
-    if opts.steps > T:
-        raise UsageError(f"--steps {opts.steps} is more than the model's {T} timesteps; use at most {T}")
-    if cfg.num_classes == 0:
-        if opts.class_label not in ((), ("all",)) or opts.class_grid:
-            raise UsageError("this model was trained without labels (num_classes = 0), so it takes no "
-                             "--class-label or --class-grid")
-        if opts.guidance_scale != 1:
-            raise UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels; this one "
-                             f"is unconditional, so leave it at 1")
-    return opts.steps or min(DEFAULT_STEPS.get(opts.sampler, T), T)
+    if cfg.num_classes == 0 and (opts.class_label not in ((), ("all",)) or opts.class_grid):
+        raise UsageError("this model was trained without labels (num_classes = 0), so it takes no --class-label "
+                         "or --class-grid")
+    return utils.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
 
 
 # --- inputs for image to image -------------------------------------------------------------------------
@@ -291,60 +211,6 @@ def load_keep_mask(path, cfg):
     """The --mask as (1, 1, H, W) float32: 1 where the input is kept (black pixels), 0 where it is repainted."""
     gray = read_picture(path, cfg.image_size, "L")
     return (gray < 128).float()[None]
-
-
-# --- sampling -------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def generate(model, diffusion, cfg, opts, device, amp_dtype=None, labels=None, init_image=None, keep_mask=None,
-             return_trajectory=False):
-    """Sample opts.num_samples images in batches of opts.batch_size: float32 (N, C, H, W) on the CPU, in [-1, 1].
-
-    opts.steps must already be resolved (> 0). labels: (N,) class labels, or None. init_image (1, C, H, W): SDEdit
-    from it at opts.strength; keep_mask (1, 1, H, W), 1 = keep: inpaint it. All noise comes from one CPU generator
-    seeded with opts.seed. With return_trajectory, returns (images, the first batch's trajectory): a list of
-    (t, x_t, x0_pred), as GaussianDiffusion.sample gives it.
-    """
-    T = diffusion.num_timesteps
-    generator = torch.Generator().manual_seed(opts.seed)
-    # SDEdit starts at t0 = strength x T and runs only the chain's steps below it (none when t0 = 0).
-    t0 = T if init_image is None else round(opts.strength * T)
-    steps = opts.steps if t0 == T else math.ceil(opts.steps * t0 / T)
-    num_batches = math.ceil(opts.num_samples / opts.batch_size)
-    progress = tqdm(total=num_batches * steps, desc=f"{opts.sampler}, {steps} steps x {num_batches} batch(es)",
-                    unit="step", dynamic_ncols=True)
-
-    def model_with_progress(*args):
-        progress.update()  # every sampling step calls the model once (guidance batches both calls into one)
-        return model(*args)
-
-    images = []
-    trajectory = None
-    for start in range(0, opts.num_samples, opts.batch_size):
-        size = min(opts.batch_size, opts.num_samples - start)
-        shape = (size, cfg.channels, cfg.image_size, cfg.image_size)
-        noise = torch.randn(shape, generator=generator).to(device)
-        x_T = noise
-        start_t = None
-        if init_image is not None and t0 < T:
-            # SDEdit: x_{t0} ~ q(x_{t0} | x_0 = input), which is table index t0 - 1; t0 = 0 is the input itself.
-            x0 = init_image.to(device).expand(shape)
-            start_t = t0
-            x_T = x0 if t0 == 0 else diffusion.q_sample(x0, torch.full((size,), t0 - 1, device=device), noise)
-        y = labels[start:start + size].to(device) if labels is not None else None
-        first = start == 0
-        with utils.autocast(device, amp_dtype):
-            result = diffusion.sample(
-                model_with_progress, shape, sampler=opts.sampler, steps=steps, eta=opts.eta, generator=generator,
-                y=y, guidance_scale=opts.guidance_scale, x_T=x_T, return_trajectory=return_trajectory and first,
-                start_t=start_t, mask=None if keep_mask is None else keep_mask.to(device),
-                x_known=None if keep_mask is None else init_image.to(device), device=device)
-        if return_trajectory and first:
-            result, trajectory = result
-        images.append(result.float().cpu())
-    progress.close()
-    images = torch.cat(images)
-    return (images, trajectory) if return_trajectory else images
 
 
 # --- outputs --------------------------------------------------------------------------------------------
@@ -452,14 +318,9 @@ def plot_run_loss(run, plot_dir):
 def run(opts):
     """Do what the options ask; returns the paths written."""
     check_options(opts)
-    try:
-        device = utils.resolve_device(opts.device)
-        amp_dtype = utils.resolve_amp(opts.amp, device)
-    except RuntimeError:  # torch.device("tpu") and the like
-        raise UsageError(f"unknown --device {opts.device!r}; use auto, cpu or cuda") from None
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    model, cfg, run_name, source = load_model(opts)
+    device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
+    model, cfg, run_name, source, _ = utils.load_model(opts.run_name, opts.checkpoint, opts.pretrained,
+                                                       opts.ema)
     model.to(device)
     if opts.export_diffusers:
         return [export(model, cfg, opts.export_diffusers)]
@@ -497,10 +358,13 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     keep_mask = load_keep_mask(opts.mask, cfg) if opts.mask else None
     print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
           f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
+    sampling = dict(sampler=opts.sampler, steps=opts.steps, device=device, batch_size=opts.batch_size,
+                    seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale, amp_dtype=amp_dtype,
+                    labels=labels, init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
 
     if opts.gif:
-        images, trajectory = generate(model, diffusion, cfg, opts, device, amp_dtype, labels, init_image, keep_mask,
-                                      return_trajectory=True)
+        images, trajectory = utils.generate(model, diffusion, cfg, opts.num_samples, return_trajectory=True,
+                                            **sampling)
         if not trajectory:
             raise UsageError("--strength 0 leaves no step to animate; use a larger --strength with --gif")
         stem = output_stem("process", opts)
@@ -509,7 +373,7 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         return [gif, visualize.write_strip(trajectory, utils.unique_path(image_dir / f"{stem}_strip.png"),
                                            STRIP_STEPS)]
 
-    images = generate(model, diffusion, cfg, opts, device, amp_dtype, labels, init_image, keep_mask)
+    images = utils.generate(model, diffusion, cfg, opts.num_samples, **sampling)
     kind = "inpaint" if opts.mask else "sdedit" if opts.init_image else "classes" if opts.class_grid else "samples"
     header = None
     if init_image is not None:

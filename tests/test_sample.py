@@ -77,13 +77,19 @@ def npz_of(run, *flags):
 def loaded(run, use_ema=True):
     """(model, diffusion, cfg) of a tiny checkpoint, as sample.py loads it."""
     path = Path("checkpoints") / run / "last.pt"
-    model, cfg = sample.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
+    model, cfg = utils.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
     return model, create_diffusion(cfg), cfg
 
 
 def options(**changes):
     values = dict(num_samples=4, batch_size=4, steps=4, sampler="ddim")
     return sample.SampleOptions(**{**values, **changes})
+
+
+def generate(model, diffusion, cfg, **changes):
+    """utils.generate, as sample.py calls it, with FAST's settings: 4 images, 4 DDIM steps, on the CPU."""
+    settings = dict(num_samples=4, batch_size=4, steps=4, sampler="ddim", device=torch.device("cpu"))
+    return utils.generate(model, diffusion, cfg, **{**settings, **changes})
 
 
 def write_picture(path, pixels):
@@ -101,7 +107,7 @@ def random_picture(path, seed):
 @pytest.mark.parametrize("sampler", config.SAMPLERS)
 def test_every_sampler_gives_finite_varied_images_and_npz_holds_them(sampler):
     model, diffusion, cfg = loaded("uncond")
-    images = sample.generate(model, diffusion, cfg, options(sampler=sampler), torch.device("cpu"))
+    images = generate(model, diffusion, cfg, sampler=sampler)
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
     assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
     assert images.std() > 0.1  # not a constant picture
@@ -126,8 +132,8 @@ def test_default_steps_follow_the_sampler_and_are_capped_at_T():
 def test_batches_do_not_change_deterministic_samples():
     # All noise comes from one generator in order, so DDIM (eta 0) gives the same images in any batch split.
     model, diffusion, cfg = loaded("uncond")
-    whole = sample.generate(model, diffusion, cfg, options(num_samples=5, batch_size=5), torch.device("cpu"))
-    split = sample.generate(model, diffusion, cfg, options(num_samples=5, batch_size=2), torch.device("cpu"))
+    whole = generate(model, diffusion, cfg, num_samples=5, batch_size=5)
+    split = generate(model, diffusion, cfg, num_samples=5, batch_size=2)
     assert split.shape == (5, 3, 16, 16)
     torch.testing.assert_close(split, whole, atol=1e-4, rtol=0)
 
@@ -142,7 +148,7 @@ def test_one_progress_bar_counts_every_step_of_every_batch(capsys):
 
 def test_pretrained_weights_sample_with_the_ddpm_cifar10_config(monkeypatch, capsys):
     model, _, _ = loaded("uncond")
-    monkeypatch.setattr(sample, "load_pretrained", lambda path: model)  # the U-Net is convolutional: 32x32 works
+    monkeypatch.setattr(utils, "load_pretrained", lambda path: model)  # the U-Net is convolutional: 32x32 works
     arrays = npz_of("pretrained", "--pretrained", "some/folder", "--num-samples", "2", "--steps", "2")
     assert arrays["arr_0"].shape == (2, 32, 32, 3)
     assert run_sample("--pretrained", "some/folder", "--steps", "1001") != 0
@@ -171,13 +177,12 @@ def test_sampling_uses_the_checkpoint_config_and_its_ema_weights():
     ema = npz_of("uncond", *FAST)["arr_0"]
     assert ema.shape[1:3] == (16, 16)  # the checkpoint's image size, not today's default of 32
     model, diffusion, cfg = loaded("uncond", use_ema=True)
-    expected = utils.to_uint8(sample.generate(model, diffusion, cfg, options(), torch.device("cpu")))
+    expected = utils.to_uint8(generate(model, diffusion, cfg))
     np.testing.assert_array_equal(ema, expected)
 
     raw = npz_of("uncond-raw", "--checkpoint", "checkpoints/uncond/last.pt", "--no-ema", *FAST)["arr_0"]
     model, diffusion, cfg = loaded("uncond", use_ema=False)
-    np.testing.assert_array_equal(raw, utils.to_uint8(sample.generate(model, diffusion, cfg, options(),
-                                                                      torch.device("cpu"))))
+    np.testing.assert_array_equal(raw, utils.to_uint8(generate(model, diffusion, cfg)))
     assert not np.array_equal(raw, ema)
 
 
@@ -289,9 +294,9 @@ def test_class_label_and_class_grid_choose_the_rows():
 def test_guidance_scale_zero_is_the_unconditional_model():
     model, diffusion, cfg = loaded("cond")
     cat = torch.full((4,), 2)
-    guided = sample.generate(model, diffusion, cfg, options(guidance_scale=0.0), torch.device("cpu"), labels=cat)
+    guided = generate(model, diffusion, cfg, guidance_scale=0.0, labels=cat)
     null = torch.full((4,), cfg.num_classes)  # the null label
-    unconditional = sample.generate(model, diffusion, cfg, options(), torch.device("cpu"), labels=null)
+    unconditional = generate(model, diffusion, cfg, labels=null)
     torch.testing.assert_close(guided, unconditional, atol=1e-4, rtol=0)
 
 
@@ -304,9 +309,9 @@ def test_guidance_scale_one_is_the_conditional_model_alone():
         seen.append(y.clone())
         return model(x_t, t, y)
 
-    conditional = sample.generate(recording_model, diffusion, cfg, options(), torch.device("cpu"), labels=labels)
+    conditional = generate(recording_model, diffusion, cfg, labels=labels)
     assert all(torch.equal(y, labels) for y in seen)  # never the null label: no unconditional pass at w = 1
-    other = sample.generate(model, diffusion, cfg, options(), torch.device("cpu"), labels=labels.flip(0))
+    other = generate(model, diffusion, cfg, labels=labels.flip(0))
     assert not torch.allclose(conditional, other)  # and the labels matter
 
 
@@ -319,8 +324,8 @@ def test_guidance_scale_mixes_conditional_and_unconditional_predictions():
         unconditional = model(x_t, t, torch.full_like(y, cfg.num_classes))
         return unconditional + w * (model(x_t, t, y) - unconditional)
 
-    expected = sample.generate(guided_by_hand, diffusion, cfg, options(), torch.device("cpu"), labels=labels)
-    guided = sample.generate(model, diffusion, cfg, options(guidance_scale=w), torch.device("cpu"), labels=labels)
+    expected = generate(guided_by_hand, diffusion, cfg, labels=labels)
+    guided = generate(model, diffusion, cfg, guidance_scale=w, labels=labels)
     torch.testing.assert_close(guided, expected, atol=1e-3, rtol=0)  # w = 3 amplifies batch-size rounding
 
 
