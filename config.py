@@ -29,11 +29,13 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message is one sentence meant for the user."""
 
 
-def flag_field(default, help):
-    """A dataclass field whose help text serves as its docstring and as its flag's --help."""
+def flag_field(default, help, choices=None):
+    """A dataclass field whose help text serves as its docstring and as its flag's --help; `choices`, if given,
+    limits the flag's values (argparse rejects others with a one-line message)."""
+    metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Config:
     preset: str = flag_field("cifar10", "name of the preset this config started from")
 
     # --- data ---
-    dataset: str = flag_field("cifar10", f"dataset to train on: {', '.join(DATASETS)}")
+    dataset: str = flag_field("cifar10", "dataset to train on", DATASETS)
     data_dir: str = flag_field("data", "where datasets are downloaded or read from (for 'folder': the image folder)")
     image_size: int = flag_field(32, "height and width of the images the model sees, in pixels")
     channels: int = flag_field(3, "image channels: 3 for RGB, 1 for grayscale")
@@ -60,9 +62,9 @@ class Config:
 
     # --- diffusion (diffusion.py) ---
     timesteps: int = flag_field(1000, "diffusion steps T")
-    beta_schedule: str = flag_field("linear", f"noise schedule: {', '.join(BETA_SCHEDULES)}")
-    objective: str = flag_field("eps", f"what the network predicts: {', '.join(OBJECTIVES)}")
-    loss_weighting: str = flag_field("none", f"loss weight over timesteps: {', '.join(LOSS_WEIGHTINGS)} (Min-SNR-5)")
+    beta_schedule: str = flag_field("linear", "noise schedule beta_t", BETA_SCHEDULES)
+    objective: str = flag_field("eps", "what the network predicts: the noise, the clean image, or v", OBJECTIVES)
+    loss_weighting: str = flag_field("none", "loss weight over timesteps (min_snr = Min-SNR-5)", LOSS_WEIGHTINGS)
 
     # --- training (train.py) ---
     batch_size: int = flag_field(64, "images per optimizer step on each process (global batch = this x GPUs x grad_accum)")
@@ -72,15 +74,15 @@ class Config:
     adam_beta1: float = flag_field(0.9, "Adam beta1")
     adam_beta2: float = flag_field(0.999, "Adam beta2")
     warmup_steps: int = flag_field(1000, "steps of linear learning-rate warmup from 0")
-    lr_schedule: str = flag_field("cosine", f"after warmup: {', '.join(LR_SCHEDULES)} (cosine anneals to 0 at the end)")
+    lr_schedule: str = flag_field("cosine", "after warmup: cosine anneals to 0 at the end, or constant", LR_SCHEDULES)
     grad_clip: float = flag_field(1.0, "clip the global gradient norm to this; 0 = no clipping")
     ema_decay: float = flag_field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
-    amp: str = flag_field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), none, fp16, bf16")
+    amp: str = flag_field("auto", "mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU", AMP_MODES)
     grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
     compile: bool = flag_field(False, "compile the model with torch.compile")
     channels_last: bool = flag_field(False, "keep activations in channels-last memory format")
     seed: int = flag_field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
-    device: str = flag_field("auto", "auto (CUDA when available), cpu or cuda")
+    device: str = flag_field("auto", "auto = CUDA when available", DEVICES)
     num_workers: int = flag_field(2, "DataLoader worker processes")
     run_name: str = flag_field("", "name of the run's folders under checkpoints/ and results/; empty = the preset's name")
     resume: str = flag_field("auto", "auto (continue from checkpoints/RUN/last.pt if it exists), none, or a checkpoint path")
@@ -258,9 +260,12 @@ def add_dataclass_flags(parser, cls, title, skip=()):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, tuple):
             item_type = type(default[0]) if default else int
-            group.add_argument(flag, type=item_type, nargs="*", default=None, metavar="N", help=help_text)
+            group.add_argument(flag, type=item_type, nargs="*", default=None, help=help_text,
+                               metavar="N" if item_type is int else "VALUE")
         else:
-            group.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(), help=help_text)
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, type=type(default), default=None, choices=choices, help=help_text,
+                               metavar="{" + ",".join(choices) + "}" if choices else f.name.upper())
     return parser
 
 

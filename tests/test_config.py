@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,10 @@ def test_naming_a_dataset_sets_its_channels_unless_given():
     assert parse("--dataset", "fashion_mnist").channels == 1
     with pytest.raises(config.ConfigError, match="dataset mnist has 1 channel"):
         config.get_config("cifar10", dataset="mnist", channels=3)
+
+
+def test_readme_documents_every_config_flag():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for f in dataclasses.fields(config.Config):
+        if f.name != "preset":
+            assert f"`--{f.name.replace('_', '-')}`" in readme, f"README.md does not document --{f.name}"
