@@ -48,6 +48,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 
 import config
+import inference
 import utils
 from config import flag_field
 from diffusion import create_diffusion
@@ -72,7 +73,7 @@ class EvalOptions:
     """What to score and how. Every field is a --flag of the same name (see --help)."""
 
     run_name: str = flag_field("", f"run to evaluate (checkpoints/RUN/last.pt) and name of the outputs (default "
-                                   f"{utils.DEFAULT_RUN}, or the checkpoint's run, or '{utils.PRETRAINED_RUN}')")
+                                   f"{inference.DEFAULT_RUN}, or the checkpoint's run, or '{inference.PRETRAINED_RUN}')")
     checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
     pretrained: str = flag_field("", "a diffusers DDPM CIFAR-10 folder or Hub id (google/ddpm-cifar10-32) to load "
                                      "instead of a checkpoint")
@@ -113,7 +114,7 @@ def check_options(opts):
         if name not in METRICS:
             raise UsageError(f"unknown metric {name!r}; --metrics takes a comma-separated list of "
                              f"{', '.join(METRICS)}")
-    utils.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
+    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
     if opts.num_samples < MIN_SAMPLES or opts.batch_size < 1:
         raise UsageError(f"--num-samples must be at least {MIN_SAMPLES} and --batch-size at least 1, got "
                          f"{opts.num_samples} and {opts.batch_size}")
@@ -177,15 +178,15 @@ def load_reference(name):
 
 def sample_images(opts, device, amp_dtype):
     """opts.num_samples images from the model the options name: uint8 (N, H, W, 3), and the settings used."""
-    loaded = utils.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
+    loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     cfg = loaded.cfg
-    steps = utils.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
+    steps = inference.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
     # A model trained with labels gets every class equally often, as CIFAR-10 has them.
     labels = torch.arange(opts.num_samples) % cfg.num_classes if cfg.num_classes > 0 else None
     amp = str(amp_dtype).removeprefix("torch.") if amp_dtype else "none"
     print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {steps} steps, on "
           f"{device}, amp {amp}")
-    images = utils.generate(loaded.model.to(device), create_diffusion(cfg), cfg, opts.num_samples,
+    images = inference.generate(loaded.model.to(device), create_diffusion(cfg), cfg, opts.num_samples,
                             sampler=opts.sampler, steps=steps, device=device, batch_size=opts.batch_size,
                             seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale, amp_dtype=amp_dtype,
                             labels=labels)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 import config
+import inference
 import utils
 import visualize
 from config import flag_field
@@ -70,9 +71,9 @@ class SampleOptions:
     """What to sample and from which model. Every field is a --flag of the same name (see --help)."""
 
     run_name: str = flag_field("", f"run to sample from: loads checkpoints/RUN/last.pt (or its newest readable "
-                                   f"step file) and writes under results/*/RUN/ (default {utils.DEFAULT_RUN}; "
+                                   f"step file) and writes under results/*/RUN/ (default {inference.DEFAULT_RUN}; "
                                    f"with --checkpoint the checkpoint's own run, with --pretrained "
-                                   f"'{utils.PRETRAINED_RUN}')")
+                                   f"'{inference.PRETRAINED_RUN}')")
     checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
     pretrained: str = flag_field("", "a diffusers-format DDPM CIFAR-10 folder (or Hub id such as "
                                      "google/ddpm-cifar10-32) to load instead of a checkpoint")
@@ -126,7 +127,7 @@ def parse_options(argv=None):
 
 def check_options(opts):
     """Raise UsageError for options that cannot work whatever the model."""
-    utils.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
+    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
     for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
@@ -179,7 +180,7 @@ def check_against_model(opts, cfg):
     if cfg.num_classes == 0 and (opts.class_label not in ((), ("all",)) or opts.class_grid):
         raise UsageError("this model was trained without labels (num_classes = 0), so it takes no --class-label "
                          "or --class-grid")
-    return utils.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
+    return inference.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
 
 
 # --- inputs for image to image -------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def run(opts):
     """Do what the options ask; returns the paths written."""
     check_options(opts)
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
-    model, cfg, run_name, source, _ = utils.load_model(opts.run_name, opts.checkpoint, opts.pretrained,
+    model, cfg, run_name, source, _ = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained,
                                                        opts.ema)
     model.to(device)
     if opts.export_diffusers:
@@ -363,7 +364,7 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
                     labels=labels, init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
 
     if opts.gif:
-        images, trajectory = utils.generate(model, diffusion, cfg, opts.num_samples, return_trajectory=True,
+        images, trajectory = inference.generate(model, diffusion, cfg, opts.num_samples, return_trajectory=True,
                                             **sampling)
         if not trajectory:
             raise UsageError("--strength 0 leaves no step to animate; use a larger --strength with --gif")
@@ -373,7 +374,7 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         return [gif, visualize.write_strip(trajectory, utils.unique_path(image_dir / f"{stem}_strip.png"),
                                            STRIP_STEPS)]
 
-    images = utils.generate(model, diffusion, cfg, opts.num_samples, **sampling)
+    images = inference.generate(model, diffusion, cfg, opts.num_samples, **sampling)
     kind = "inpaint" if opts.mask else "sdedit" if opts.init_image else "classes" if opts.class_grid else "samples"
     header = None
     if init_image is not None:

@@ -22,6 +22,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 
 import config
 import evaluate
+import inference
 import utils
 from dataset import make_shapes
 from diffusion import create_diffusion
@@ -228,8 +229,8 @@ def test_a_checkpoint_is_sampled_scored_and_logged(capsys):
     with np.load(npz) as data:
         images = data["arr_0"]
     path = Path("checkpoints/uncond/last.pt")
-    model, cfg = utils.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
-    expected = utils.generate(model, create_diffusion(cfg), cfg, 40, sampler="ddim", steps=4,
+    model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
+    expected = inference.generate(model, create_diffusion(cfg), cfg, 40, sampler="ddim", steps=4,
                               device=torch.device("cpu"), batch_size=16, seed=0)
     np.testing.assert_array_equal(images, utils.to_uint8(expected))
 

@@ -16,6 +16,7 @@ import torch
 import config
 import dataset
 import sample
+import inference
 import utils
 from diffusion import create_diffusion
 from model import create_model
@@ -77,7 +78,7 @@ def npz_of(run, *flags):
 def loaded(run, use_ema=True):
     """(model, diffusion, cfg) of a tiny checkpoint, as sample.py loads it."""
     path = Path("checkpoints") / run / "last.pt"
-    model, cfg = utils.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
+    model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
     return model, create_diffusion(cfg), cfg
 
 
@@ -87,9 +88,9 @@ def options(**changes):
 
 
 def generate(model, diffusion, cfg, **changes):
-    """utils.generate, as sample.py calls it, with FAST's settings: 4 images, 4 DDIM steps, on the CPU."""
+    """inference.generate, as sample.py calls it, with FAST's settings: 4 images, 4 DDIM steps, on the CPU."""
     settings = dict(num_samples=4, batch_size=4, steps=4, sampler="ddim", device=torch.device("cpu"))
-    return utils.generate(model, diffusion, cfg, **{**settings, **changes})
+    return inference.generate(model, diffusion, cfg, **{**settings, **changes})
 
 
 def write_picture(path, pixels):
@@ -148,7 +149,7 @@ def test_one_progress_bar_counts_every_step_of_every_batch(capsys):
 
 def test_pretrained_weights_sample_with_the_ddpm_cifar10_config(monkeypatch, capsys):
     model, _, _ = loaded("uncond")
-    monkeypatch.setattr(utils, "load_pretrained", lambda path: model)  # the U-Net is convolutional: 32x32 works
+    monkeypatch.setattr(inference, "load_pretrained", lambda path: model)  # the U-Net is convolutional: 32x32 works
     arrays = npz_of("pretrained", "--pretrained", "some/folder", "--num-samples", "2", "--steps", "2")
     assert arrays["arr_0"].shape == (2, 32, 32, 3)
     assert run_sample("--pretrained", "some/folder", "--steps", "1001") != 0
