@@ -91,7 +91,7 @@ class Config:
     log_every: int = flag_field(50, "write metrics every this many steps")
     keep_checkpoints: int = flag_field(3, "how many step_<N>.pt files to keep besides last.pt")
     cond_drop_prob: float = flag_field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
-    max_bad_steps: int = flag_field(20, "stop after this many non-finite losses in a row")
+    max_bad_steps: int = flag_field(20, "stop the run when this many steps in a row have a non-finite loss")
 
     def __post_init__(self):
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.

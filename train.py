@@ -257,7 +257,7 @@ def main(argv=None):
     sampler = EpochSampler(len(dataset), cfg.seed, rank, world_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False,
+                        persistent_workers=cfg.num_workers > 0,  # no worker restart at every epoch
                         # Its own generator, so creating a loader never draws from the global RNG.
                         generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = sampler.per_rank // cfg.batch_size // cfg.grad_accum
@@ -352,6 +352,7 @@ def main(argv=None):
     clock = time.perf_counter()
     clock_step = step
     exit_message = None
+    failed = False
     train_model.train()
     try:
         while step < total_steps:
@@ -399,8 +400,9 @@ def main(argv=None):
             if finite:
                 logged_loss += loss_sum
                 logged_steps += 1
-            if bad_steps > cfg.max_bad_steps:
-                exit_message = (f"stopped: {bad_steps} non-finite losses in a row (more than --max-bad-steps "
+            if bad_steps >= cfg.max_bad_steps:
+                failed = True
+                exit_message = (f"stopped: {bad_steps} non-finite losses in a row (--max-bad-steps "
                                 f"{cfg.max_bad_steps}); try a lower --lr or --amp bf16/none. The last good "
                                 f"checkpoint in {checkpoint_dir} is intact")
                 break
@@ -445,7 +447,7 @@ def main(argv=None):
                 exit_message = f"done: {step} steps; checkpoint {path}, metrics {log_dir / 'metrics.csv'}"
     except utils.CheckpointError as error:
         exit_message = f"error: {error}"
-        bad_steps = cfg.max_bad_steps + 1  # exit non-zero below
+        failed = True
     finally:
         stop.restore()
         if progress is not None:
@@ -456,8 +458,8 @@ def main(argv=None):
             dist.destroy_process_group()
 
     if is_main and exit_message:
-        print(exit_message, file=sys.stderr if bad_steps > cfg.max_bad_steps else sys.stdout)
-    if bad_steps > cfg.max_bad_steps:
+        print(exit_message, file=sys.stderr if failed else sys.stdout)
+    if failed:
         sys.exit(1)
 
 
