@@ -124,8 +124,12 @@ def test_naming_a_dataset_sets_its_channels_unless_given():
         config.get_config("cifar10", dataset="mnist", channels=3)
 
 
-def test_readme_documents_every_config_flag():
+@pytest.mark.parametrize("module_name, class_name", [
+    ("config", "Config"), ("sample", "SampleOptions"), ("evaluate", "EvalOptions")])
+def test_readme_documents_every_flag(module_name, class_name):
+    import importlib
+    options = getattr(importlib.import_module(module_name), class_name)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    for f in dataclasses.fields(config.Config):
+    for f in dataclasses.fields(options):
         if f.name != "preset":
-            assert f"`--{f.name.replace('_', '-')}`" in readme, f"README.md does not document --{f.name}"
+            assert f"`--{f.name.replace('_', '-')}" in readme, f"README.md does not document --{f.name}"
