@@ -18,15 +18,6 @@ MU, S = 0.3, 0.5  # the Gaussian test data: x0 ~ N(MU, S^2)
 N = 8192  # scalar samples per sampler run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one thread is faster than two competing with other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def alpha_bars(schedule):
     """alpha_bar_t for t = 0 ... T-1, computed here in float64 from the betas (not from diffusion.py's tables)."""
     return torch.cumprod(1 - make_beta_schedule(schedule, T), dim=0)

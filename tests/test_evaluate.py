@@ -20,16 +20,13 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-import config
 import evaluate
 import inference
 import utils
 from dataset import make_shapes
+from conftest import tiny_checkpoint
 from diffusion import create_diffusion
-from model import create_model
 
-TINY = dict(image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
-            num_res_blocks=1, timesteps=20)
 EXTRACTOR = "tiny-conv"
 REFERENCE = "shapes-16px"
 FAST_METRICS = ["--feature-extractor", EXTRACTOR, "--reference", REFERENCE, "--device", "cpu"]
@@ -83,32 +80,11 @@ torch_fidelity.register_feature_extractor(EXTRACTOR, TinyFeatures)
 torch_fidelity.register_dataset(REFERENCE, lambda root, download: evaluate.ImageArray(reference_images()))
 
 
-def tiny_checkpoint(run, seed=0):
-    """Write checkpoints/RUN/last.pt by hand: raw weights != EMA weights, both with a non-zero output conv."""
-    cfg = config.get_config("demo", run_name=run, **TINY)
-    torch.manual_seed(seed)
-    ema_model = create_model(cfg)
-    raw_model = create_model(cfg)
-    with torch.no_grad():  # the zero-initialised output conv would make every prediction 0
-        ema_model.out_conv.weight.normal_(0, 0.05)
-        raw_model.out_conv.weight.normal_(0, 0.05)
-    state = {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "config": config.config_to_dict(cfg),
-             "step": 7, "epoch": 0}
-    path = Path("checkpoints") / run / "last.pt"
-    path.parent.mkdir(parents=True)
-    torch.save(state, path)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # On a few shared cores, more than one thread makes these tiny convolutions several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tiny_checkpoint("uncond")
+    tiny_checkpoint("uncond", step=7)
     yield tmp_path
-    torch.set_num_threads(threads)
 
 
 def run_evaluate(*flags):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from config import PRESETS, get_config
 from model import ResBlock, SelfAttention, TimestepEmbedding, create_model
 
-torch.set_num_threads(2)
 
 
 def tiny_config(**overrides):

@@ -14,7 +14,6 @@ from config import get_config  # noqa: E402
 from model import (DIFFUSERS_DDPM_CIFAR10_CONFIG, PretrainedError, TimestepEmbedding, create_model,  # noqa: E402
                    export_diffusers, load_pretrained)
 
-torch.set_num_threads(2)
 DIFFUSERS_KWARGS = {key: value for key, value in DIFFUSERS_DDPM_CIFAR10_CONFIG.items() if not key.startswith("_")}
 
 

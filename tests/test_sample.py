@@ -18,39 +18,16 @@ import dataset
 import sample
 import inference
 import utils
+from conftest import tiny_checkpoint
 from diffusion import create_diffusion
-from model import create_model
 
-TINY = dict(image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
-            num_res_blocks=1, timesteps=20)
 FAST = ["--num-samples", "4", "--steps", "4"]
-
-
-def tiny_checkpoint(run, num_classes, seed):
-    """Write checkpoints/RUN/last.pt by hand: raw weights != EMA weights, both with a non-zero output conv."""
-    cfg = config.get_config("demo", num_classes=num_classes, run_name=run, **TINY)
-    torch.manual_seed(seed)
-    ema_model = create_model(cfg)
-    raw_model = create_model(cfg)
-    with torch.no_grad():  # the zero-initialised output conv would make every prediction 0
-        ema_model.out_conv.weight.normal_(0, 0.05)
-        raw_model.out_conv.weight.normal_(0, 0.05)
-    state = {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "config": config.config_to_dict(cfg),
-             "step": 0, "epoch": 0}
-    path = Path("checkpoints") / run / "last.pt"
-    path.parent.mkdir(parents=True)
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(autouse=True)
 def checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # On a few shared cores, more than one thread makes these tiny convolutions several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield {"uncond": tiny_checkpoint("uncond", 0, seed=0), "cond": tiny_checkpoint("cond", 4, seed=1)}
-    torch.set_num_threads(threads)
 
 
 def run_sample(*flags):

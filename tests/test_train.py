@@ -17,24 +17,32 @@ import torch
 import diffusion
 import train
 import utils
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "demo", "--image-size", "16", "--base-channels", "32", "--channel-mults", "1", "2",
-        "--attn-resolutions", "8", "--num-heads", "2", "--num-res-blocks", "1", "--timesteps", "50",
-        "--batch-size", "8", "--num-workers", "0", "--sample-every", "0", "--log-every", "1",
-        "--warmup-steps", "2", "--lr", "1e-3", "--dropout", "0"]
+
+def as_flags(overrides):
+    """{"channel_mults": (1, 2)} -> ["--channel-mults", "1", "2"]"""
+    flags = []
+    for name, value in overrides.items():
+        values = value if isinstance(value, tuple) else (value,)
+        flags += ["--" + name.replace("_", "-"), *map(str, values)]
+    return flags
+
+
+TINY_RUN = ["--preset", "demo", *as_flags(TINY), "--batch-size", "8", "--num-workers", "0", "--sample-every", "0",
+            "--log-every", "1", "--warmup-steps", "2", "--lr", "1e-3", "--dropout", "0"]
 
 
 @pytest.fixture(autouse=True)
 def in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(2)
 
 
 def run_train(*flags):
     """Run train.main in-process; returns the exit code (0 when it returned normally)."""
     try:
-        train.main([*TINY, *flags])
+        train.main([*TINY_RUN, *flags])
     except SystemExit as exit:
         return exit.code or 0
     return 0
@@ -368,7 +376,7 @@ def test_run_writes_metrics_plot_samples_and_tensorboard():
 
 def test_two_process_gloo_run_trains_and_resumes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               str(REPO / "train.py"), *TINY, "--run-name", "ddp", "--batch-size", "4", "--device", "cpu"]
+               str(REPO / "train.py"), *TINY_RUN, "--run-name", "ddp", "--batch-size", "4", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     first = subprocess.run([*command, "--max-steps", "3"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
