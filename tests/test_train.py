@@ -31,7 +31,7 @@ def as_flags(overrides):
 
 
 TINY_RUN = ["--preset", "demo", *as_flags(TINY), "--batch-size", "8", "--num-workers", "0", "--sample-every", "0",
-            "--log-every", "1", "--warmup-steps", "2", "--lr", "1e-3", "--dropout", "0"]
+            "--log-every", "1", "--warmup-steps", "2", "--lr", "1e-3", "--dropout", "0", "--amp", "none"]
 
 
 @pytest.fixture(autouse=True)
