@@ -25,7 +25,6 @@ attention matmuls); a training step counts as 3 forward passes (the backward pas
 peak' divides the FLOP rate by that of a large matmul in the same dtype, measured in the same run.
 """
 
-import argparse
 import copy
 import ctypes
 import os
@@ -77,10 +76,7 @@ class BenchmarkOptions:
 
 def parse_options(argv=None):
     """BenchmarkOptions from the command line; fields the user did not type keep the dataclass defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_dataclass_flags(parser, BenchmarkOptions, "benchmark options")
-    args = parser.parse_args(argv)
-    return BenchmarkOptions(**{name: value for name, value in vars(args).items() if value is not None})
+    return config.parse_dataclass_args(BenchmarkOptions, argv, __doc__, "benchmark options")
 
 
 def check_options(opts):

@@ -272,6 +272,15 @@ def add_dataclass_flags(parser, cls, title, skip=()):
     return parser
 
 
+def parse_dataclass_args(cls, argv=None, description=None, title="options"):
+    """An instance of dataclass `cls` from the command line, one flag per field (see add_dataclass_flags); fields
+    the user did not type keep their defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(parser, cls, title)
+    args = parser.parse_args(argv)
+    return cls(**{name: value for name, value in vars(args).items() if value is not None})
+
+
 def add_config_flags(parser):
     """Add `--preset` and one `--field-name` flag per Config field to an argparse parser."""
     parser.add_argument("--preset", default="cifar10", choices=list(PRESETS), help="named starting config")

@@ -30,7 +30,6 @@ Downloaded once into data/ (offline, put them there by hand): Inception's weight
 reference's features and statistics.
 """
 
-import argparse
 import csv
 import json
 import time
@@ -101,10 +100,7 @@ class EvalOptions:
 
 def parse_options(argv=None):
     """EvalOptions from the command line; fields the user did not type keep the dataclass defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_dataclass_flags(parser, EvalOptions, "options")
-    args = parser.parse_args(argv)
-    return EvalOptions(**{name: value for name, value in vars(args).items() if value is not None})
+    return config.parse_dataclass_args(EvalOptions, argv, __doc__, "options")
 
 
 def check_options(opts):
