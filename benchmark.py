@@ -207,7 +207,8 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
         model = model.to(memory_format=torch.channels_last)
         sample_model = sample_model.to(memory_format=torch.channels_last)
     diffusion = create_diffusion(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 fused=True)  # as train.py
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_forward = torch.compile(model) if compile else model
     sample_forward = torch.compile(sample_model) if compile else sample_model
