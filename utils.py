@@ -85,20 +85,6 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def unwrap_model(model):
-    """The plain module inside DistributedDataParallel and torch.compile wrappers.
-
-    Saving the unwrapped module keeps `module.` and `_orig_mod.` prefixes out of checkpoint keys.
-    """
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 # --- exponential moving average of the weights --------------------------------------------------------
 
 @torch.no_grad()
@@ -309,11 +295,18 @@ def plot_loss(csv_path, png_path, title=None):
     ax.set_title(title or "training loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, path):
+    """Lay out a matplotlib figure, write it to `path` (making its folder) and close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
     plt.close(fig)
-    return Path(png_path)
+    return Path(path)
 
 
 # --- pictures -------------------------------------------------------------------------------------------

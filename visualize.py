@@ -87,11 +87,7 @@ def write_strip(trajectory, path, num_steps=10):
         ax.set_xticklabels([f"t={step[0]}" for step in chosen], fontsize=8)
         ax.set_yticks([])
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return utils.save_figure(fig, path)
 
 
 # --- the forward process and the schedules ------------------------------------------------------------------
@@ -116,11 +112,7 @@ def forward_process_figure(columns, path, title):
             axes[row, column].imshow(pictures[row])
             axes[row, column].axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return utils.save_figure(fig, path)
 
 
 def schedule_figure(schedules, path, current=None):
@@ -142,8 +134,4 @@ def schedule_figure(schedules, path, current=None):
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(f"noise schedules over T = {len(next(iter(schedules.values())))} steps", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return utils.save_figure(fig, path)

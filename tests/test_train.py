@@ -240,13 +240,6 @@ def test_checkpoint_contents_and_pruning():
         "step_0000003.pt", "step_0000002.pt"]
 
 
-def test_unwrap_model_strips_compile_and_ddp_wrappers():
-    model = torch.nn.Linear(2, 2)
-    compiled = torch.compile(model)  # compiles lazily: nothing runs here
-    assert utils.unwrap_model(compiled) is model
-    assert not any(name.startswith("_orig_mod.") for name in utils.unwrap_model(compiled).state_dict())
-
-
 # --- LR, EMA, accumulation, precision, bad steps ----------------------------------------------------
 
 def test_lr_schedule_warmup_cosine_and_constant():
