@@ -1,16 +1,18 @@
 """How fast does the U-Net train and sample? One table: throughput, FLOPs, memory, and the share of the chip's peak.
 
     python benchmark.py                                   # ddpm-cifar10 at batch 8, as train.py would run it here
-    python benchmark.py --amp bf16 --channels-last        # the speed levers train.py has: --amp, --channels-last
-    python benchmark.py --amp bf16 --compile              #   and --compile
+    python benchmark.py --amp bf16 --channels-last        # the speed levers of train.py: --amp, --channels-last
+    python benchmark.py --amp bf16 --compile              #   and --compile (sample.py's --compile too)
     python benchmark.py --amp bf16 --compare diffusers    # side by side with diffusers' UNet2DModel
     python benchmark.py --device cuda --batch-size 128 --amp bf16 --channels-last --compile
 
 What is timed, on random images (no data loading):
   train   one optimizer step as train.py takes it: autocast forward of diffusion.training_loss, backward, gradient
           clipping, Adam step, EMA update, and the one read of the loss and gradient norm that train.py does per step.
-  sample  one DDIM call of --sample-steps steps as sample.py runs it (eval mode, no_grad, autocast around the whole
-          loop); every denoising step counts batch-size images, so its img/s is batch x steps / seconds.
+  sample  one DDIM call of --sample-steps steps as sample.py runs it: the model made ready by
+          inference.prepare_for_sampling (channels-last, weights in the AMP dtype, compiled with --compile), eval
+          mode, no_grad, autocast around the whole loop. Every denoising step counts batch-size images, so its
+          img/s is batch x steps / seconds.
 Each img/s is the median over --iters timed calls; 'best' is the fastest call.
 
 --compare diffusers builds diffusers' UNet2DModel with the same architecture (the google/ddpm-cifar10-32 config)
@@ -37,11 +39,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
+import inference
 import utils
 from config import flag_field
 from diffusion import create_diffusion
@@ -62,9 +64,10 @@ class BenchmarkOptions:
     amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
                                   "bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
-    channels_last: bool = flag_field(False, "our model and its inputs in channels-last memory format")
-    compile: bool = flag_field(False, "our model through torch.compile, with inductor's freezing for sampling (the "
-                                      "first calls then include compiling)")
+    channels_last: bool = flag_field(False, "train our model in channels-last memory format, as train.py "
+                                            "--channels-last (sampling always uses it, as sample.py does)")
+    compile: bool = flag_field(False, "our model through torch.compile, as train.py --compile and sample.py "
+                                      "--compile do (the first calls then include compiling)")
     compare: str = flag_field("none", "none (default), or diffusers: also run diffusers' UNet2DModel as its training "
                                       "example does, in turns with ours")
     warmup: int = flag_field(2, "untimed training steps and sampling calls before the timed ones (default 2)")
@@ -200,19 +203,16 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
     torch.manual_seed(seed)
     model = create_model(cfg).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    # sample.py's loaded model keeps requires_grad, so autocast casts each weight once per sampling call
-    # (it caches the casts of such weights until the autocast context ends) instead of once per step.
-    sample_model = copy.deepcopy(model).eval()
+    sample_forward = inference.prepare_for_sampling(copy.deepcopy(model).eval(), device, amp_dtype, compile)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        sample_model = sample_model.to(memory_format=torch.channels_last)
     diffusion = create_diffusion(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  fused=True)  # as train.py
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_forward = torch.compile(model) if compile else model
-    sample_forward = torch.compile(sample_model) if compile else sample_model
-    images, x_T = random_batch(cfg, batch_size, device, channels_last, seed)
+    images, _ = random_batch(cfg, batch_size, device, channels_last, seed)
+    _, x_T = random_batch(cfg, batch_size, device, False, seed)  # inference.generate's noise is NCHW
 
     def train_step():
         # train.py's loop body at grad_accum 1, without data loading, logging and the learning-rate schedule
@@ -373,11 +373,6 @@ def run(opts):
     if device.type == "cuda":  # as train.py sets them
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if opts.compile:
-        # Freezing makes the weights of graphs compiled for inference (under no_grad, so sampling, not training)
-        # constants: cast to the autocast dtype once, at compile time, and handed to oneDNN in its own layout.
-        # (Passed as torch.compile(options=...) instead, it sped sampling up 1.26x instead of 1.5x on a CPU.)
-        inductor_config.freezing = True
     dtype = amp_dtype or torch.float32
     precision = str(dtype).removeprefix("torch.")
     if device.type == "cuda" and amp_dtype is None:

@@ -89,6 +89,8 @@ class EvalOptions:
     seed: int = flag_field(0, "random seed of the sampling noise (default 0)")
     amp: str = flag_field("auto", "mixed precision of the sampling: auto (bf16/fp16 on CUDA), none, fp16, bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
+    compile: bool = flag_field(False, "torch.compile the network for sampling (as sample.py --compile): 1.3x "
+                                      "faster on a CPU, after 15-45 s of compiling")
     metrics: str = flag_field(",".join(METRICS), f"comma-separated metrics to compute (default {','.join(METRICS)})")
     inception_weights: str = flag_field("", f"a local copy of {URL_INCEPTION_V3}, for machines without network "
                                             f"(default {DATA_DIR / INCEPTION_FILE}, downloaded when missing)")
@@ -182,7 +184,8 @@ def sample_images(opts, device, amp_dtype):
     amp = str(amp_dtype).removeprefix("torch.") if amp_dtype else "none"
     print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {steps} steps, on "
           f"{device}, amp {amp}")
-    images = inference.generate(loaded.model.to(device), create_diffusion(cfg), cfg, opts.num_samples,
+    model = inference.prepare_for_sampling(loaded.model, device, amp_dtype, opts.compile)
+    images = inference.generate(model, create_diffusion(cfg), cfg, opts.num_samples,
                             sampler=opts.sampler, steps=steps, device=device, batch_size=opts.batch_size,
                             seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale, amp_dtype=amp_dtype,
                             labels=labels)

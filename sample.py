@@ -89,6 +89,8 @@ class SampleOptions:
     amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
                                   "bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
+    compile: bool = flag_field(False, "torch.compile the network (CPU: with inductor's freezing; CUDA: with CUDA "
+                                      "graphs): 1.3x faster on a CPU, after 15-45 s of compiling")
     class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
                                               "with labels; the samples are split between them (default: all)")
     guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "
@@ -326,6 +328,7 @@ def run(opts):
     if opts.export_diffusers:
         return [export(model, cfg, opts.export_diffusers)]
     opts = dataclasses.replace(opts, steps=check_against_model(opts, cfg))
+    model = inference.prepare_for_sampling(model, device, amp_dtype, opts.compile)
     diffusion = create_diffusion(cfg)
     image_dir = Path(opts.out) if opts.out else utils.RESULTS_DIR / "images" / run_name
     plot_dir = utils.RESULTS_DIR / "plots" / run_name

@@ -206,6 +206,7 @@ def test_a_checkpoint_is_sampled_scored_and_logged(capsys):
         images = data["arr_0"]
     path = Path("checkpoints/uncond/last.pt")
     model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
+    model = inference.prepare_for_sampling(model, torch.device("cpu"))
     expected = inference.generate(model, create_diffusion(cfg), cfg, 40, sampler="ddim", steps=4,
                               device=torch.device("cpu"), batch_size=16, seed=0)
     np.testing.assert_array_equal(images, utils.to_uint8(expected))

@@ -5,6 +5,7 @@ Each test works in its own temporary folder (sample.py reads checkpoints/ and wr
 working directory) with two tiny hand-made checkpoints: `uncond` and `cond` (4 shapes classes), 16x16, T = 20.
 """
 
+import copy
 import csv
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 import config
 import dataset
@@ -52,10 +54,13 @@ def npz_of(run, *flags):
         return {key: data[key] for key in data.files}
 
 
-def loaded(run, use_ema=True):
-    """(model, diffusion, cfg) of a tiny checkpoint, as sample.py loads it."""
+def loaded(run, use_ema=True, prepared=True):
+    """(model, diffusion, cfg) of a tiny checkpoint, as sample.py loads it (on the CPU, amp none), and by default
+    prepared for sampling as sample.py prepares it."""
     path = Path("checkpoints") / run / "last.pt"
     model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema)
+    if prepared:
+        model = inference.prepare_for_sampling(model, torch.device("cpu"))
     return model, create_diffusion(cfg), cfg
 
 
@@ -372,3 +377,51 @@ def test_bad_input_gets_one_sentence_and_a_non_zero_exit(case, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --- the fast path: inference.prepare_for_sampling ------------------------------------------------------
+
+def test_prepared_model_gives_the_samples_of_the_plain_model():
+    # Channels-last changes only where the numbers lie in memory: the same samples, up to float32 rounding.
+    model, diffusion, cfg = loaded("uncond", prepared=False)
+    plain = generate(model, diffusion, cfg)
+    prepared = inference.prepare_for_sampling(copy.deepcopy(model), torch.device("cpu"))
+    assert prepared.out_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(generate(prepared, diffusion, cfg), plain, atol=1e-5, rtol=0)
+
+
+def test_prepared_model_stores_the_weights_autocast_would_use():
+    # With bf16, convolutions and linear layers hold the bf16 weights autocast would cast to; GroupNorm keeps
+    # float32. So the network computes what it computes under autocast alone, up to the order of float sums.
+    model, diffusion, cfg = loaded("cond", prepared=False)
+    prepared = inference.prepare_for_sampling(copy.deepcopy(model), torch.device("cpu"), torch.bfloat16)
+    assert prepared.out_conv.weight.dtype == torch.bfloat16 and prepared.time_mlp[0].weight.dtype == torch.bfloat16
+    assert all(module.weight.dtype == torch.float32 for module in prepared.modules()
+               if isinstance(module, torch.nn.GroupNorm))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([0, 5, 10, 19]), torch.tensor([0, 1, 2, 4])  # 4 = the null label
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected, got = model(x, t, y).float(), prepared(x, t, y).float()
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()  # bf16 keeps 8 bits: 0.4% per rounding
+    images = generate(prepared, diffusion, cfg, amp_dtype=torch.bfloat16, labels=torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(images).all() and images.std() > 0.1
+
+
+def test_compiled_model_gives_the_samples_of_the_eager_one(monkeypatch):
+    monkeypatch.setattr(inductor_config, "freezing", False)  # prepare_for_sampling sets it; restored afterwards
+    model, diffusion, cfg = loaded("uncond", prepared=False)
+    eager = generate(model, diffusion, cfg)
+    compiled = inference.prepare_for_sampling(copy.deepcopy(model), torch.device("cpu"), compile=True)
+    assert inductor_config.freezing
+    torch.testing.assert_close(generate(compiled, diffusion, cfg), eager, atol=1e-4, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("flags, compile", [((), False), (("--compile",), True)])
+def test_compile_flag_reaches_prepare_for_sampling(monkeypatch, flags, compile):
+    seen = []
+    prepare = inference.prepare_for_sampling
+    monkeypatch.setattr(inference, "prepare_for_sampling",
+                        lambda model, device, amp_dtype, compile: seen.append(compile) or prepare(model, device))
+    assert run_sample("--run-name", "uncond", *flags, *FAST) == 0
+    assert seen == [compile]
