@@ -79,8 +79,10 @@ class Config:
     ema_decay: float = flag_field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
     amp: str = flag_field("auto", "mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU", AMP_MODES)
     grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
-    compile: bool = flag_field(False, "compile the model with torch.compile")
-    channels_last: bool = flag_field(False, "keep activations in channels-last memory format")
+    compile: bool = flag_field(False, "compile the model with torch.compile (no faster on a CPU: see README, "
+                                       "Speed notes)")
+    channels_last: bool = flag_field(False, "keep activations in channels-last memory format (slower on a "
+                                             "CPU, where GroupNorm is slow in it)")
     seed: int = flag_field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
     device: str = flag_field("auto", "auto = CUDA when available", DEVICES)
     num_workers: int = flag_field(2, "DataLoader worker processes")

@@ -219,15 +219,18 @@ class GaussianDiffusion:
         """
         if y is not None and guidance_scale != 1:
             labels = torch.cat([y, torch.full_like(y, self.null_label)])
-            output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), labels).float()
-            output_cond, output_uncond = output.chunk(2)
+            output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), labels)
+            output_cond, output_uncond = output.float().chunk(2)
             # eps is an affine function of the raw output (eps, x0 or v) at a fixed x_t and t, so guiding the raw
             # output guides eps exactly as the formula above says.
             output = output_uncond + guidance_scale * (output_cond - output_uncond)
         elif y is not None:
-            output = model(x_t, t, y).float()
+            output = model(x_t, t, y)
         else:
-            output = model(x_t, t).float()
+            output = model(x_t, t)
+        # A float32 copy, never the network's own tensor: under CUDA graphs (sample.py --compile on CUDA) that lives
+        # in a buffer which the next call overwrites, and samplers keep predictions from one step to the next.
+        output = output.to(torch.float32, copy=True)
 
         if self.objective == "eps":
             eps = output

@@ -128,9 +128,9 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
     - With mixed precision, the weights of convolutions and linear layers are stored in `amp_dtype`. Autocast would
       cast them to it at every use anyway; stored, they skip the cast (another 1.1x on that CPU). GroupNorm keeps
       its float32 weights, as under autocast.
-    - compile: torch.compile. On a CPU with inductor's freezing, which folds the weights into the compiled graph as
-      constants in oneDNN's own layout, and fuses each convolution with what follows it (1.3x again there).
-      On CUDA in mode "reduce-overhead", which replays the network's kernels as one CUDA graph. Freezing is a
+    - compile: torch.compile with inductor's freezing, which folds the weights into the compiled graph as constants
+      (on a CPU in oneDNN's own layout) and fuses each convolution with what follows it (1.3x again there). On CUDA
+      also in mode "reduce-overhead", which replays the network's kernels as one CUDA graph. Freezing is a
       process-wide inductor setting; it only touches graphs compiled without gradients, as sampling's are.
       The first calls compile (15-45 s on that CPU); that is paid back after several hundred network calls.
 

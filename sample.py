@@ -89,8 +89,8 @@ class SampleOptions:
     amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
                                   "bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
-    compile: bool = flag_field(False, "torch.compile the network (CPU: with inductor's freezing; CUDA: with CUDA "
-                                      "graphs): 1.3x faster on a CPU, after 15-45 s of compiling")
+    compile: bool = flag_field(False, "torch.compile the network with inductor's freezing (on CUDA with CUDA graphs "
+                                      "too): 1.3x faster on a CPU, after 15-45 s of compiling")
     class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
                                               "with labels; the samples are split between them (default: all)")
     guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "

@@ -228,6 +228,16 @@ def test_a_checkpoint_is_sampled_scored_and_logged(capsys):
     assert len(rows) == 2 and rows[1]["isc"] == "" and rows[1]["steps"] == "4" and rows[1]["step"] == "7"
 
 
+def test_compile_and_amp_reach_prepare_for_sampling(monkeypatch):
+    seen = []
+    prepare = inference.prepare_for_sampling
+    monkeypatch.setattr(inference, "prepare_for_sampling", lambda model, device, amp_dtype, compile:
+                        seen.append((amp_dtype, compile)) or prepare(model, device, amp_dtype))
+    flags = ["--run-name", "uncond", "--num-samples", 10, "--steps", 2, "--metrics", "fid", *FAST_METRICS]
+    assert run_evaluate(*flags, "--amp", "bf16", "--compile") == 0
+    assert seen == [(torch.bfloat16, True)]
+
+
 # --- without network: one sentence saying what to download --------------------------------------------------
 
 def no_network(*args, **kwargs):

@@ -412,16 +412,32 @@ def test_compiled_model_gives_the_samples_of_the_eager_one(monkeypatch):
     model, diffusion, cfg = loaded("uncond", prepared=False)
     eager = generate(model, diffusion, cfg)
     compiled = inference.prepare_for_sampling(copy.deepcopy(model), torch.device("cpu"), compile=True)
-    assert inductor_config.freezing
-    torch.testing.assert_close(generate(compiled, diffusion, cfg), eager, atol=1e-4, rtol=0)
-    torch._dynamo.reset()
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and inductor_config.freezing
+    try:
+        torch.testing.assert_close(generate(compiled, diffusion, cfg), eager, atol=1e-4, rtol=0)
+    finally:
+        torch._dynamo.reset()  # forget the compiled graphs
 
 
 @pytest.mark.parametrize("flags, compile", [((), False), (("--compile",), True)])
 def test_compile_flag_reaches_prepare_for_sampling(monkeypatch, flags, compile):
     seen = []
     prepare = inference.prepare_for_sampling
-    monkeypatch.setattr(inference, "prepare_for_sampling",
-                        lambda model, device, amp_dtype, compile: seen.append(compile) or prepare(model, device))
-    assert run_sample("--run-name", "uncond", *flags, *FAST) == 0
-    assert seen == [compile]
+    monkeypatch.setattr(inference, "prepare_for_sampling", lambda model, device, amp_dtype, compile:
+                        seen.append((amp_dtype, compile)) or prepare(model, device, amp_dtype))
+    assert run_sample("--run-name", "uncond", "--amp", "bf16", *flags, *FAST) == 0
+    assert seen == [(torch.bfloat16, compile)]
+
+
+def test_bf16_guided_samples_are_those_of_the_prepared_model():
+    # sample.py --amp bf16 with guidance: the bf16-weight network under autocast, batched with the null label.
+    arrays = npz_of("cond", "--amp", "bf16", "--guidance-scale", "3", *FAST)
+    model, diffusion, cfg = loaded("cond", prepared=False)
+    model = inference.prepare_for_sampling(model, torch.device("cpu"), torch.bfloat16)
+    images = generate(model, diffusion, cfg, amp_dtype=torch.bfloat16, guidance_scale=3.0,
+                      labels=torch.tensor([0, 1, 2, 3]))
+    np.testing.assert_array_equal(arrays["arr_0"], utils.to_uint8(images))
+    np.testing.assert_array_equal(arrays["arr_1"], [0, 1, 2, 3])
+    plain, _, _ = loaded("cond", prepared=False)  # float32: another network, other pixels, the same picture
+    reference = generate(plain, diffusion, cfg, guidance_scale=3.0, labels=torch.tensor([0, 1, 2, 3]))
+    assert (images - reference).abs().mean() < 0.05
