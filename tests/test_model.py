@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from config import PRESETS, get_config
-from model import ResBlock, SelfAttention, TimestepEmbedding, create_model
-
+from model import GroupNorm, ResBlock, SelfAttention, TimestepEmbedding, create_model
 
 
 def tiny_config(**overrides):
@@ -57,6 +56,31 @@ def test_group_norms_are_ddpms():
     attentions = [m for m in modules if isinstance(m, SelfAttention)]
     assert len(norms) == 2 * len(blocks) + len(attentions) + 1  # and one before the output conv
     assert all(norm.num_groups == 32 and norm.eps == 1e-6 for norm in norms)
+
+
+@pytest.mark.parametrize("size, channels_last, dtype, in_float32", [
+    (8, True, torch.bfloat16, True),     # the slow kernel's case: normalised in float32, rounded back
+    (8, True, torch.float16, True),
+    (32, True, torch.bfloat16, False),   # 32x32 and larger: PyTorch's own kernel
+    (8, False, torch.bfloat16, False),   # NCHW
+    (8, True, torch.float32, False),     # already float32
+])
+def test_group_norm_computes_small_channels_last_inputs_in_float32(monkeypatch, size, channels_last, dtype,
+                                                                  in_float32):
+    norm = GroupNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, size, size) * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x.float(), 32, norm.weight, norm.bias, 1e-6)
+    kernel_dtypes = []  # the dtype that PyTorch's kernel is given
+    group_norm = F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda x, *args: kernel_dtypes.append(x.dtype) or group_norm(x, *args))
+    y = norm(x)
+    assert kernel_dtypes == [torch.float32 if in_float32 else dtype] and y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)  # either way, GroupNorm
 
 
 def test_output_conv_is_zero_initialised_so_the_fresh_model_predicts_zero():
