@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import inference
+import train
 import utils
 from config import flag_field
 from diffusion import create_diffusion
@@ -219,12 +220,7 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
         with utils.autocast(device, amp_dtype):
             loss = diffusion.training_loss(train_forward, images)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        torch.stack([loss.detach(), grad_norm.float()]).tolist()  # train.py checks both for non-finite values
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train.apply_gradients(model, optimizer, scaler, loss.detach(), cfg.grad_clip)
         utils.update_ema(ema_model, model, cfg.ema_decay)
 
     def sample_call():

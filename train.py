@@ -92,6 +92,25 @@ def ema_decay_at(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
+def apply_gradients(model, optimizer, scaler, loss, grad_clip):
+    """Unscale the gradients, clip their global norm, and take the optimizer step unless something is non-finite;
+    then clear the gradients. Returns (loss, gradient norm before clipping, whether the step was good) as Python
+    numbers, read from the device in one transfer.
+
+    With fp16, overflowing gradients are the GradScaler's business: it skips that update itself and lowers the scale,
+    so only a non-finite loss makes a bad step then.
+    """
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    loss_value, grad_norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+    finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm_value))
+    if finite or scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm_value, finite
+
+
 def random_flip(images):
     """Flip each image horizontally with probability 1/2, using torch's global RNG.
 
@@ -380,16 +399,7 @@ def main(argv=None):
                 dist.all_reduce(loss_sum)
                 loss_sum /= world_size
 
-            # Clip the gradient norm (measured before clipping, in fp32 units), then step unless non-finite.
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            loss_value, grad_norm_value = torch.stack([loss_sum, grad_norm.float()]).tolist()
-            # With fp16, overflowing gradients are the GradScaler's business: it skips that update itself and
-            # lowers the scale. Only a non-finite loss counts as a bad step then.
-            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm_value))
-            if finite or scaler.is_enabled():
-                scaler.step(optimizer)
-                scaler.update()
+            _, grad_norm_value, finite = apply_gradients(model, optimizer, scaler, loss_sum, cfg.grad_clip)
             if finite:
                 bad_steps = 0
             else:
@@ -397,7 +407,6 @@ def main(argv=None):
                 if is_main:
                     print(f"\nwarning: non-finite loss at step {step + 1}, step skipped "
                           f"({bad_steps} in a row)", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             lr_scheduler.step()
             utils.update_ema(ema_model, model, ema_decay_at(step, cfg.ema_decay))

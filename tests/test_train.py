@@ -383,3 +383,33 @@ def test_two_process_gloo_run_trains_and_resumes(tmp_path):
     assert utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["step"] == 5
     # Only rank 0 writes the metrics file: one row per step.
     assert utils.read_metrics(tmp_path / "results/logs/ddp/metrics.csv")["step"] == [1, 2, 3, 4, 5]
+
+
+# --- one optimizer step: train.apply_gradients ----------------------------------------------------------
+
+def sgd_problem(loss_scale):
+    """A linear layer with SGD at lr 1, whose loss has gradient norm 5 x loss_scale (a 3-4-5 triangle)."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    loss = layer(torch.tensor([[3.0, 4.0]])).sum() * loss_scale
+    loss.backward()
+    return layer, optimizer, loss.detach()
+
+
+def test_apply_gradients_clips_the_norm_and_reports_it_before_clipping():
+    layer, optimizer, loss = sgd_problem(2.0)  # gradient (6, 8), norm 10
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss_value, grad_norm, finite = train.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
+    assert (loss_value, finite) == (0.0, True) and grad_norm == pytest.approx(10.0)
+    torch.testing.assert_close(layer.weight, torch.tensor([[-0.6, -0.8]]))  # one step along the clipped gradient
+    assert layer.weight.grad is None  # cleared for the next step
+
+
+def test_apply_gradients_skips_a_non_finite_step():
+    layer, optimizer, _ = sgd_problem(float("inf"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss_value, _, finite = train.apply_gradients(layer, optimizer, scaler, torch.tensor(float("inf")), 1.0)
+    assert math.isinf(loss_value) and not finite
+    assert torch.count_nonzero(layer.weight) == 0 and layer.weight.grad is None  # no step, gradients cleared
