@@ -5,6 +5,7 @@
     python benchmark.py --amp bf16 --compile              #   and --compile (sample.py's --compile too)
     python benchmark.py --amp bf16 --compare diffusers    # side by side with diffusers' UNet2DModel
     python benchmark.py --device cuda --batch-size 128 --amp bf16 --channels-last --compile
+    python benchmark.py --amp bf16 --profile 15           # and the 15 operators that take the most time
 
 What is timed, on random images (no data loading):
   train   one optimizer step as train.py takes it: autocast forward of diffusion.training_loss, backward, gradient
@@ -75,6 +76,8 @@ class BenchmarkOptions:
     iters: int = flag_field(10, "timed training steps and sampling calls (default 10)")
     sample_steps: int = flag_field(5, "DDIM steps per sampling call (default 5)")
     threads: int = flag_field(0, "CPU threads for torch; 0 (default) = torch's own choice (one per core)")
+    profile: int = flag_field(0, "after the table, where the time goes: the N operators that take the most time in "
+                                 "our training step and sampling call, by torch.profiler (default 0: none)")
     seed: int = flag_field(0, "random seed of the weights and inputs (default 0)")
 
 
@@ -91,7 +94,7 @@ def check_options(opts):
         raise UsageError(f"unknown --compare {opts.compare!r}; choose one of {', '.join(COMPARES)}")
     for flag, value, least in (("--batch-size", opts.batch_size, 1), ("--iters", opts.iters, 1),
                                ("--sample-steps", opts.sample_steps, 1), ("--warmup", opts.warmup, 0),
-                               ("--threads", opts.threads, 0)):
+                               ("--threads", opts.threads, 0), ("--profile", opts.profile, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
 
@@ -205,8 +208,9 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
     model = create_model(cfg).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     sample_forward = inference.prepare_for_sampling(copy.deepcopy(model).eval(), device, amp_dtype, compile)
-    if channels_last:
+    if channels_last:  # as train.py
         model = model.to(memory_format=torch.channels_last)
+        ema_model = ema_model.to(memory_format=torch.channels_last)
     diffusion = create_diffusion(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  fused=True)  # as train.py
@@ -335,6 +339,28 @@ ROWS = [  # (row name, format)
 ]
 
 
+def print_profile(contender, device, opts):
+    """The opts.profile operators with the most self time (time in the operator itself, not in those it calls) over
+    --iters training steps and sampling calls of `contender`, per step or call, as torch.profiler measures them."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for phase, call in (("training step", contender.train_step), ("sampling call", contender.sample_call)):
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(opts.iters):
+                call()
+            synchronize(device)
+        operators = sorted(profiler.key_averages(), key=lambda event: getattr(event, sort_by), reverse=True)
+        total = sum(getattr(event, sort_by) for event in operators) / opts.iters / 1000
+        print(f"\nwhere the time of one {phase} goes ({total:.0f} ms of {sort_by.removesuffix('_total')} in "
+              f"operators, per {phase.split()[1]}; the profiler itself adds some):")
+        print(f"{'ms':>8} {'calls':>6}  operator")
+        for event in operators[:opts.profile]:
+            print(f"{getattr(event, sort_by) / opts.iters / 1000:8.1f} {event.count // opts.iters:6d}  "
+                  f"{event.key[:90]}")
+
+
 def print_table(results):
     """One column per contender and, for two, their ratio."""
     names = list(results)
@@ -410,6 +436,8 @@ def run(opts):
               + (f"; above the {torch.get_num_threads()} threads used, so other jobs shared the cores: expect low, "
                  f"noisy numbers (a quiet moment or fewer --threads gives steadier ones)"
                  if load > torch.get_num_threads() + 0.5 else ""))
+    if opts.profile:
+        print_profile(contenders[0], device, opts)
 
 
 def main(argv=None):

@@ -81,8 +81,8 @@ class Config:
     grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
     compile: bool = flag_field(False, "compile the model with torch.compile (no faster on a CPU: see README, "
                                        "Speed notes)")
-    channels_last: bool = flag_field(False, "keep activations in channels-last memory format (slower on a "
-                                             "CPU, where GroupNorm is slow in it)")
+    channels_last: bool = flag_field(False, "keep activations in channels-last memory format (no faster on "
+                                             "a CPU, where GroupNorm is slow in it)")
     seed: int = flag_field(0, "random seed; the same seed on CPU reproduces a run bit for bit")
     device: str = flag_field("auto", "auto = CUDA when available", DEVICES)
     num_workers: int = flag_field(2, "DataLoader worker processes")

@@ -263,7 +263,8 @@ class GaussianDiffusion:
         if t is None:
             t = torch.randint(0, self.num_timesteps, (batch_size,), device=x0.device)
         if noise is None:
-            noise = torch.randn_like(x0)
+            # Drawn in (B, C, H, W) order whatever x0's memory layout, so channels-last draws the same noise.
+            noise = torch.randn(x0.shape, device=x0.device)
         x_t = self.q_sample(x0, t, noise)
         if y is None:
             output = model(x_t, t)

@@ -90,7 +90,7 @@ class EvalOptions:
     amp: str = flag_field("auto", "mixed precision of the sampling: auto (bf16/fp16 on CUDA), none, fp16, bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
     compile: bool = flag_field(False, "torch.compile the network for sampling (as sample.py --compile): 1.3x "
-                                      "faster on a CPU, after 15-45 s of compiling")
+                                      "faster on a CPU, after 15-60 s of compiling")
     metrics: str = flag_field(",".join(METRICS), f"comma-separated metrics to compute (default {','.join(METRICS)})")
     inception_weights: str = flag_field("", f"a local copy of {URL_INCEPTION_V3}, for machines without network "
                                             f"(default {DATA_DIR / INCEPTION_FILE}, downloaded when missing)")

@@ -132,7 +132,7 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
       (on a CPU in oneDNN's own layout) and fuses each convolution with what follows it (1.3x again there). On CUDA
       also in mode "reduce-overhead", which replays the network's kernels as one CUDA graph. Freezing is a
       process-wide inductor setting; it only touches graphs compiled without gradients, as sampling's are.
-      The first calls compile (15-45 s on that CPU); that is paid back after several hundred network calls.
+      The first calls compile (15-60 s on that CPU); that is paid back after several hundred network calls.
 
     Changes `model` itself (its layout and dtypes) and returns it, or its compiled wrapper.
     """

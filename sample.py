@@ -90,7 +90,7 @@ class SampleOptions:
                                   "bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
     compile: bool = flag_field(False, "torch.compile the network with inductor's freezing (on CUDA with CUDA graphs "
-                                      "too): 1.3x faster on a CPU, after 15-45 s of compiling")
+                                      "too): 1.3x faster on a CPU, after 15-60 s of compiling")
     class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
                                               "with labels; the samples are split between them (default: all)")
     guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "

@@ -94,8 +94,8 @@ def ema_decay_at(step, decay):
 
 def apply_gradients(model, optimizer, scaler, loss, grad_clip):
     """Unscale the gradients, clip their global norm, and take the optimizer step unless something is non-finite;
-    then clear the gradients. Returns (loss, gradient norm before clipping, whether the step was good) as Python
-    numbers, read from the device in one transfer.
+    then clear the gradients. Returns (gradient norm before clipping, whether the step was good); the norm and the
+    loss come from the device in one transfer.
 
     With fp16, overflowing gradients are the GradScaler's business: it skips that update itself and lowers the scale,
     so only a non-finite loss makes a bad step then.
@@ -108,7 +108,7 @@ def apply_gradients(model, optimizer, scaler, loss, grad_clip):
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm_value, finite
+    return grad_norm_value, finite
 
 
 def random_flip(images):
@@ -320,7 +320,9 @@ def main(argv=None):
         if is_main:
             print(f"resuming {resume_path} at step {step} (epoch {epoch})")
     if cfg.channels_last:
+        # The EMA too: the per-step lerp between weights in two layouts is 3x slower than within one.
         model = model.to(memory_format=torch.channels_last)
+        ema_model = ema_model.to(memory_format=torch.channels_last)
     train_model = model
     if distributed:
         train_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -399,7 +401,7 @@ def main(argv=None):
                 dist.all_reduce(loss_sum)
                 loss_sum /= world_size
 
-            _, grad_norm_value, finite = apply_gradients(model, optimizer, scaler, loss_sum, cfg.grad_clip)
+            grad_norm_value, finite = apply_gradients(model, optimizer, scaler, loss_sum, cfg.grad_clip)
             if finite:
                 bad_steps = 0
             else:

@@ -34,3 +34,17 @@ def test_ddpm_cifar10_forward_is_design_md_12_1_gflop_plus_attention_matmuls():
     attention_matmuls = 5 * (2 * 2 * (16 * 16) ** 2 * 256) + 2 * 2 * (4 * 4) ** 2 * 256
     assert attention_matmuls == 335_806_464
     assert abs((flops - attention_matmuls) / 1e9 - 12.1) < 0.05
+
+
+def test_profile_lists_the_operators_of_one_step_and_one_call(capsys):
+    a = torch.randn(64, 64)
+    contender = benchmark.Contender("toy", forward=None, parameters=0,
+                                    train_step=lambda: [torch.mm(a, a) for _ in range(3)],
+                                    sample_call=lambda: torch.sigmoid(a))
+    opts = benchmark.BenchmarkOptions(iters=2, profile=1)
+    benchmark.print_profile(contender, torch.device("cpu"), opts)
+    out = capsys.readouterr().out
+    training, sampling = out.split("one sampling call")
+    rows = [line.split() for line in training.splitlines() if "aten::" in line]
+    assert len(rows) == 1 and rows[0][1:] == ["3", "aten::mm"]  # --profile 1: one row; 3 calls per step
+    assert "aten::sigmoid" in sampling and "aten::mm" not in sampling
