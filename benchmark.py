@@ -343,21 +343,25 @@ def print_profile(contender, device, opts):
     """The opts.profile operators with the most self time (time in the operator itself, not in those it calls) over
     --iters training steps and sampling calls of `contender`, per step or call, as torch.profiler measures them."""
     activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sort_by = "self_device_time_total"  # the GPU time of the kernels each operator launched
     for phase, call in (("training step", contender.train_step), ("sampling call", contender.sample_call)):
         with torch.profiler.profile(activities=activities) as profiler:
             for _ in range(opts.iters):
                 call()
             synchronize(device)
-        operators = sorted(profiler.key_averages(), key=lambda event: getattr(event, sort_by), reverse=True)
+        # Operators only: the kernels' own rows would count their GPU time a second time.
+        operators = [event for event in profiler.key_averages()
+                     if event.device_type == torch.autograd.DeviceType.CPU]
+        operators.sort(key=lambda event: getattr(event, sort_by), reverse=True)
         total = sum(getattr(event, sort_by) for event in operators) / opts.iters / 1000
         print(f"\nwhere the time of one {phase} goes ({total:.0f} ms of {sort_by.removesuffix('_total')} in "
               f"operators, per {phase.split()[1]}; the profiler itself adds some):")
         print(f"{'ms':>8} {'calls':>6}  operator")
         for event in operators[:opts.profile]:
-            print(f"{getattr(event, sort_by) / opts.iters / 1000:8.1f} {event.count // opts.iters:6d}  "
+            print(f"{getattr(event, sort_by) / opts.iters / 1000:8.1f} {event.count / opts.iters:6g}  "
                   f"{event.key[:90]}")
 
 

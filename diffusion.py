@@ -264,7 +264,7 @@ class GaussianDiffusion:
             t = torch.randint(0, self.num_timesteps, (batch_size,), device=x0.device)
         if noise is None:
             # Drawn in (B, C, H, W) order whatever x0's memory layout, so channels-last draws the same noise.
-            noise = torch.randn(x0.shape, device=x0.device)
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         x_t = self.q_sample(x0, t, noise)
         if y is None:
             output = model(x_t, t)
