@@ -23,6 +23,9 @@ LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+# sigma_t^2 of the ddpm sampler: beta_t ("large"), the posterior variance beta_tilde_t ("small"), or "auto": large
+# for the full T-step chain, small for a respaced (shorter) one, where large is far worse (DDIM Table 1).
+DDPM_VARIANCES = ("auto", "large", "small")
 
 
 class ConfigError(ValueError):
@@ -107,10 +110,11 @@ class Config:
         return self.run_name or self.preset
 
 
-# Fields that decide the shape of the network's weights (or what its output means); a checkpoint's
-# values for them win over anything given on the command line when training is resumed.
+# Fields that decide the shape of the network's weights or what its input and output mean: the diffusion it was
+# trained in (T, the schedule that maps t to a noise level, and what it predicts). A resumed run keeps the
+# checkpoint's values, and a flag that would change one of them is refused.
 ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults",
-                       "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "objective")
+                       "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective")
 
 
 def _check(ok, message):

@@ -83,6 +83,13 @@ class EvalOptions:
     sampler: str = flag_field("ddim", f"sampler: {', '.join(config.SAMPLERS)} (default ddim)")
     steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: ddpm all T, ddim 100, dpmpp2m 20")
     eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
+    ddpm_variance: str = flag_field("auto", "sigma_t^2 of --sampler ddpm: large (beta_t, DDPM's choice for the full "
+                                            "chain), small (the posterior variance), or auto (default): large for "
+                                            "all T steps, small for fewer (far better there: DDIM Table 1)",
+                                    config.DDPM_VARIANCES)
+    dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
+                                               "0.995 is usual), against saturated colours at high guidance; 0 "
+                                               "(default) clips x_0 to [-1, 1]")
     guidance_scale: float = flag_field(1.0, "classifier-free guidance scale for models trained with labels, "
                                             "which sample every class equally often (default 1)")
     batch_size: int = flag_field(256, "images per forward pass of the model and of Inception (default 256)")
@@ -112,7 +119,8 @@ def check_options(opts):
         if name not in METRICS:
             raise UsageError(f"unknown metric {name!r}; --metrics takes a comma-separated list of "
                              f"{', '.join(METRICS)}")
-    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
+    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale, opts.ddpm_variance,
+                             opts.dynamic_threshold)
     if opts.num_samples < MIN_SAMPLES or opts.batch_size < 1:
         raise UsageError(f"--num-samples must be at least {MIN_SAMPLES} and --batch-size at least 1, got "
                          f"{opts.num_samples} and {opts.batch_size}")
@@ -187,10 +195,12 @@ def sample_images(opts, device, amp_dtype):
     model = inference.prepare_for_sampling(loaded.model, device, amp_dtype, opts.compile)
     images = inference.generate(model, create_diffusion(cfg), cfg, opts.num_samples,
                             sampler=opts.sampler, steps=steps, device=device, batch_size=opts.batch_size,
-                            seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale, amp_dtype=amp_dtype,
-                            labels=labels)
+                            seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale,
+                            ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold,
+                            amp_dtype=amp_dtype, labels=labels)
     settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=steps,
-                    guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp)
+                    guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
+                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold)
     return utils.to_uint8(images), settings
 
 

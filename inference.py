@@ -95,10 +95,16 @@ def load_model(run_name="", checkpoint="", pretrained="", use_ema=True):
     return LoadedModel(model, cfg, run_name or cfg.name, source, step)
 
 
-def check_sampling(sampler, steps, eta, guidance_scale):
+def check_sampling(sampler, steps, eta, guidance_scale, ddpm_variance="auto", dynamic_threshold=0.0):
     """Raise utils.UsageError for sampling options that cannot work whatever the model."""
     if sampler not in config.SAMPLERS:
         raise utils.UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(config.SAMPLERS)}")
+    if ddpm_variance not in config.DDPM_VARIANCES or (ddpm_variance != "auto" and sampler != "ddpm"):
+        raise utils.UsageError(f"--ddpm-variance must be one of {', '.join(config.DDPM_VARIANCES)} and only applies "
+                               f"to --sampler ddpm, got {ddpm_variance} with {sampler}")
+    if not 0 <= dynamic_threshold < 1:
+        raise utils.UsageError(f"--dynamic-threshold must be a percentile in [0, 1) such as 0.995 (0 = static "
+                               f"clipping to [-1, 1]), got {dynamic_threshold}")
     if steps < 0:
         raise utils.UsageError(f"--steps must be positive (or 0 for the sampler's default), got {steps}")
     if not 0 <= eta <= 1 or (eta != 0 and sampler != "ddim"):
@@ -149,8 +155,8 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
 
 @torch.no_grad()
 def generate(model, diffusion, cfg, num_samples, *, sampler, steps, device, batch_size=64, seed=0, eta=0.0,
-             guidance_scale=1.0, amp_dtype=None, labels=None, init_image=None, strength=1.0, keep_mask=None,
-             return_trajectory=False):
+             guidance_scale=1.0, ddpm_variance="auto", dynamic_threshold=0.0, amp_dtype=None, labels=None,
+             init_image=None, strength=1.0, keep_mask=None, return_trajectory=False):
     """Sample num_samples images in batches of batch_size: float32 (N, C, H, W) on the CPU, in [-1, 1].
 
     `steps` must already be resolved (> 0; see sampling_steps). labels: (N,) class labels, or None. init_image
@@ -190,7 +196,8 @@ def generate(model, diffusion, cfg, num_samples, *, sampler, steps, device, batc
         with utils.autocast(device, amp_dtype):
             result = diffusion.sample(
                 model_with_progress, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                y=y, guidance_scale=guidance_scale, x_T=x_T, return_trajectory=return_trajectory and first,
+                y=y, guidance_scale=guidance_scale, ddpm_variance=ddpm_variance, dynamic_threshold=dynamic_threshold,
+                x_T=x_T, return_trajectory=return_trajectory and first,
                 start_t=start_t, mask=None if keep_mask is None else keep_mask.to(device),
                 x_known=None if keep_mask is None else init_image.to(device), device=device)
         if return_trajectory and first:

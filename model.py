@@ -67,10 +67,20 @@ class TimestepEmbedding(nn.Module):
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def zero_init_(layer):
+    """Set a layer's weight and bias to 0 and return it. DDPM zero-initialises the last layer of every residual
+    branch (a block's second conv, attention's output projection) and the output conv: each branch then starts
+    as nothing, so the fresh network is a chain of skip connections and learns the branches from there."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ResBlock(nn.Module):
     """x + F(x, emb): GroupNorm, SiLU, 3x3 conv, add the projected embedding, GroupNorm, SiLU, dropout, 3x3 conv.
 
-    When the channels change, a 1x1 conv on the skip path matches them.
+    When the channels change, a 1x1 conv on the skip path matches them. The second conv starts at zero, so a new
+    block is its skip path alone.
     """
 
     def __init__(self, in_channels, out_channels, emb_dim, dropout):
@@ -80,7 +90,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, out_channels)
         self.norm2 = GroupNorm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = zero_init_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, emb):
@@ -94,7 +104,8 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """x + proj(softmax(q k^T / sqrt(head_dim)) v): every pixel looks at every pixel, with `num_heads` heads.
 
-    q, k and v are linear maps of GroupNorm(x), one token per pixel.
+    q, k and v are linear maps of GroupNorm(x), one token per pixel. The output projection starts at zero, so a new
+    attention block passes x through unchanged.
     """
 
     def __init__(self, channels, num_heads):
@@ -104,7 +115,7 @@ class SelfAttention(nn.Module):
         self.q = nn.Linear(channels, channels)
         self.k = nn.Linear(channels, channels)
         self.v = nn.Linear(channels, channels)
-        self.proj = nn.Linear(channels, channels)
+        self.proj = zero_init_(nn.Linear(channels, channels))
 
     def forward(self, x):
         """x: (B, C, H, W). Returns the same shape."""
@@ -216,10 +227,8 @@ class UNet(nn.Module):
             self.up.append(Level(blocks, attentions, resample))
 
         self.out_norm = GroupNorm(width)
-        self.out_conv = nn.Conv2d(width, channels, 3, padding=1)
         # Zero output at initialisation: the untrained model predicts 0, a calm start for any objective.
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        self.out_conv = zero_init_(nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, x, t, y=None):
         """x: (B, C, H, W) noisy images; t: (B,) timesteps in [0, T); y: (B,) labels, or None for the null label.

@@ -63,7 +63,7 @@ GIF_FRAME_MS = 60
 GIF_HOLD_MS = 1500       # how long the GIF shows the finished samples before it loops
 STRIP_STEPS = 10         # steps shown side by side in the strip PNG
 FORWARD_IMAGES = 4       # real images in the forward-process figure
-FORWARD_FRACTIONS = (0, 0.1, 0.25, 0.5, 0.75, 1)  # t / T of its columns: t = 0, 100, 250, 500, 750, 999 for T = 1000
+FORWARD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1)  # t / T of its noised columns: x_100 ... x_1000 for T = 1000
 
 
 @dataclass
@@ -83,6 +83,13 @@ class SampleOptions:
     sampler: str = flag_field("ddim", f"sampler: {', '.join(config.SAMPLERS)} (default ddim)")
     steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: ddpm all T, ddim 100, dpmpp2m 20")
     eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
+    ddpm_variance: str = flag_field("auto", "sigma_t^2 of --sampler ddpm: large (beta_t, DDPM's choice for the full "
+                                            "chain), small (the posterior variance), or auto (default): large for "
+                                            "all T steps, small for fewer (far better there: DDIM Table 1)",
+                                    config.DDPM_VARIANCES)
+    dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
+                                               "0.995 is usual), against saturated colours at high guidance; 0 "
+                                               "(default) clips x_0 to [-1, 1]")
     num_samples: int = flag_field(64, "images to generate (default 64)")
     batch_size: int = flag_field(64, "images per forward pass (default 64); lower it if memory runs out")
     seed: int = flag_field(0, "random seed; the same seed gives the same images (default 0)")
@@ -129,7 +136,8 @@ def parse_options(argv=None):
 
 def check_options(opts):
     """Raise UsageError for options that cannot work whatever the model."""
-    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale)
+    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale, opts.ddpm_variance,
+                             opts.dynamic_threshold)
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
     for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
@@ -221,8 +229,12 @@ def load_keep_mask(path, cfg):
 def output_stem(kind, opts):
     """The name of an output without its suffix, e.g. samples_ddim_100steps or classes_ddpm_1000steps_w3."""
     stem = f"{kind}_{opts.sampler}_{opts.steps}steps"
+    if opts.ddpm_variance != "auto":
+        stem += f"_{opts.ddpm_variance}"
     if opts.guidance_scale != 1:
         stem += f"_w{opts.guidance_scale:g}"
+    if opts.dynamic_threshold:
+        stem += f"_dt{opts.dynamic_threshold:g}"
     if opts.init_image:
         stem += f"_strength{opts.strength:g}"
     return stem
@@ -283,16 +295,16 @@ def real_images(cfg, count):
 
 
 def forward_figure(cfg, diffusion, seed, plot_dir):
-    """forward.png: real images x_0 noised by q(x_t | x_0) at t = FORWARD_FRACTIONS x T, the same eps in every
-    column, so the picture shows the signal fading as alpha_bar_t falls. Returns the path."""
+    """forward.png: real images x_0 (first column) noised by q(x_t | x_0) at the paper's steps t = FORWARD_FRACTIONS
+    x T, the same eps in every column, so the picture shows the signal fading as alpha_bar_t falls. Returns the path."""
     images = real_images(cfg, FORWARD_IMAGES)
     T = diffusion.num_timesteps
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    columns = []
+    columns = [(0, 1.0, images)]  # x_0, the data itself
     for fraction in FORWARD_FRACTIONS:
-        t = min(round(fraction * T), T - 1)
-        x_t = diffusion.q_sample(images, torch.full((len(images),), t), eps)
-        columns.append((t, diffusion.alphas_cumprod[t].item(), x_t))
+        t = max(1, round(fraction * T))  # the paper's step t, 1 ... T, which is table index t - 1
+        x_t = diffusion.q_sample(images, torch.full((len(images),), t - 1), eps)
+        columns.append((t, diffusion.alphas_cumprod[t - 1].item(), x_t))
     title = (r"forward process $q(x_t \mid x_0)$: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,"
              r"\epsilon$, the same $\epsilon$ in every column" + f" ({cfg.beta_schedule} schedule, T = {T})")
     return visualize.forward_process_figure(columns, utils.unique_path(plot_dir / "forward.png"), title)
@@ -363,7 +375,8 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
           f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
     sampling = dict(sampler=opts.sampler, steps=opts.steps, device=device, batch_size=opts.batch_size,
-                    seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale, amp_dtype=amp_dtype,
+                    seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale,
+                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold, amp_dtype=amp_dtype,
                     labels=labels, init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
 
     if opts.gif:

@@ -96,7 +96,8 @@ def forward_process_figure(columns, path, title):
     """A grid of real images (rows) noised by q(x_t | x_0) at growing t (columns), each column labelled with t,
     alpha_bar_t and SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 
-    columns: [(t, alpha_bar_t, x_t)], x_t (n, C, H, W) for the same n images and the same noise eps at every t.
+    columns: [(t, alpha_bar_t, x_t)], x_t (n, C, H, W) for the same n images and the same noise eps at every t;
+    t is the paper's step (x_t after t noising steps; 0 = the data, alpha_bar_0 = 1).
     Returns the path.
     """
     plt = _matplotlib()
@@ -124,7 +125,7 @@ def schedule_figure(schedules, path, current=None):
     for name, betas in schedules.items():
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         log_snr = torch.log(alpha_bar / (1 - alpha_bar))
-        t = np.arange(len(betas))
+        t = np.arange(1, len(betas) + 1)  # the paper's steps 1 ... T
         label = f"{name} (this model)" if name == current else name
         for ax, values in zip(axes, (betas, alpha_bar, log_snr)):
             ax.plot(t, values.numpy(), label=label, linewidth=2)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from config import PRESETS, get_config
+from conftest import randomise_zero_layers_
 from model import GroupNorm, ResBlock, SelfAttention, TimestepEmbedding, create_model
 
 
@@ -16,12 +17,9 @@ def tiny_config(**overrides):
 
 
 def tiny_model(seed=0, **overrides):
-    """A tiny U-Net whose output conv is randomised, so that its output depends on everything upstream."""
+    """A tiny U-Net whose zero-initialised layers are randomised, so that its output depends on everything."""
     torch.manual_seed(seed)
-    model = create_model(tiny_config(**overrides))
-    torch.nn.init.normal_(model.out_conv.weight, std=0.05)
-    torch.nn.init.normal_(model.out_conv.bias, std=0.05)
-    return model
+    return randomise_zero_layers_(create_model(tiny_config(**overrides)))
 
 
 def random_inputs(cfg, batch, seed=1):
@@ -93,6 +91,35 @@ def test_output_conv_is_zero_initialised_so_the_fresh_model_predicts_zero():
         assert torch.count_nonzero(model(x, t)) == 0
 
 
+def test_every_residual_branch_starts_at_zero_as_in_ddpm():
+    """DDPM's init: the last layer of every residual branch is zero, so each block starts as its skip path."""
+    cfg = tiny_config(num_classes=4)
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zero = {f"{name}.{kind}" for name, layer in layers for kind in ("weight", "bias")
+            if torch.count_nonzero(getattr(layer, kind)) == 0}  # (GroupNorm's biases start at 0 as always)
+    expected = {"out_conv.weight", "out_conv.bias"}
+    for name, module in model.named_modules():
+        if isinstance(module, ResBlock):
+            expected |= {f"{name}.conv2.weight", f"{name}.conv2.bias"}
+        elif isinstance(module, SelfAttention):
+            expected |= {f"{name}.proj.weight", f"{name}.proj.bias"}
+    assert zero == expected  # and no other conv or linear layer: they keep PyTorch's random init
+    assert len(expected) == 2 + 2 * sum(isinstance(m, (ResBlock, SelfAttention)) for m in model.modules())
+
+    generator = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 4 * cfg.base_channels, generator=generator)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ResBlock):
+                x = torch.randn(2, module.conv1.in_channels, 8, 8, generator=generator)
+                assert torch.equal(module(x, emb), module.skip(x))
+            elif isinstance(module, SelfAttention):
+                x = torch.randn(2, module.q.in_features, 8, 8, generator=generator)
+                assert torch.equal(module(x), x)
+
+
 def test_conditional_model_uses_labels_and_the_null_label():
     model = tiny_model(num_classes=4).eval()
     cfg = tiny_config(num_classes=4)
@@ -157,7 +184,7 @@ def test_time_embedding_matches_the_closed_form_formula():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_self_attention_matches_the_explicit_formula(num_heads, channels_last):
     torch.manual_seed(0)
-    attention = SelfAttention(64, num_heads)
+    attention = randomise_zero_layers_(SelfAttention(64, num_heads), std=0.1)  # proj starts at zero
     x = torch.randn(2, 64, 4, 6)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+from conftest import reference_library
+
+reference_library("diffusers")
 from diffusers import UNet2DModel  # noqa: E402
 from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 
@@ -131,7 +133,7 @@ def test_a_folder_without_weights_is_refused(tmp_path):
 
 
 def test_hub_id_without_network_says_how_to_get_the_folder(monkeypatch, tmp_path):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    huggingface_hub = reference_library("huggingface_hub")
 
     def no_network(*args, **kwargs):
         raise ConnectionError("no network in this test")

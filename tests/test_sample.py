@@ -21,7 +21,7 @@ import sample
 import inference
 import utils
 from conftest import tiny_checkpoint
-from diffusion import create_diffusion
+from diffusion import create_diffusion, make_beta_schedule
 
 FAST = ["--num-samples", "4", "--steps", "4"]
 
@@ -208,6 +208,34 @@ def test_figures_are_drawn_instead_of_samples():
     assert sample.visualize.evenly_spaced(1000, 10)[::9] == [0, 999]
 
 
+def test_forward_figure_shows_x0_then_the_papers_x_t():
+    """Columns: the clean images (t = 0), then x_t at the paper's steps t = 2, 5, 10, 15, 20 of T = 20, which are
+    table indices t - 1 (x_1 is one step of noise, never the data)."""
+    _, diffusion, cfg = loaded("uncond")
+    captured = {}
+    original = sample.visualize.forward_process_figure
+
+    def capture(columns, path, title):
+        captured["columns"] = columns
+        return original(columns, path, title)
+
+    sample.visualize.forward_process_figure = capture
+    try:
+        sample.forward_figure(cfg, diffusion, 0, Path("plots"))
+    finally:
+        sample.visualize.forward_process_figure = original
+    columns = captured["columns"]
+    images = sample.real_images(cfg, sample.FORWARD_IMAGES)
+    alpha_bars = torch.cumprod(1 - make_beta_schedule("linear", 20), dim=0)
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    assert [t for t, _, _ in columns] == [0, 2, 5, 10, 15, 20]
+    assert columns[0][1] == 1.0 and torch.equal(columns[0][2], images)
+    for t, alpha_bar, x_t in columns[1:]:
+        assert alpha_bar == pytest.approx(alpha_bars[t - 1].item(), rel=1e-6)
+        expected = alpha_bars[t - 1].sqrt() * images + (1 - alpha_bars[t - 1]).sqrt() * eps
+        torch.testing.assert_close(x_t.double(), expected.double(), atol=1e-5, rtol=1e-5)
+
+
 # --- image to image ----------------------------------------------------------------------------------------
 
 def test_sdedit_strength_zero_returns_the_input():
@@ -232,6 +260,36 @@ def test_sdedit_strength_one_ignores_the_input_and_lower_strengths_do_not():
                 outputs[path, strength] = data["arr_0"]
     np.testing.assert_array_equal(outputs[first, "1"], outputs[second, "1"])
     assert not np.array_equal(outputs[first, "0.5"], outputs[second, "0.5"])
+
+
+def test_sdedit_noises_the_input_to_strength_times_T_with_eq4():
+    """Strength 0.5 of T = 20: x_t0 = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps at the paper's t0 = 10 (table
+    index 9), eps the generator's first draw; then only the ceil(0.5 x 4) = 2 steps below t0 run."""
+    path, pixels = random_picture("input.png", seed=0)
+    model, diffusion, cfg = loaded("uncond")
+    init_image = sample.load_init_image(path, cfg)
+    _, trajectory = generate(model, diffusion, cfg, init_image=init_image, strength=0.5, seed=5,
+                             return_trajectory=True)
+    alpha_bar = torch.cumprod(1 - make_beta_schedule("linear", 20), dim=0)[9]
+    eps = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = alpha_bar.sqrt() * init_image.double() + (1 - alpha_bar).sqrt() * eps.double()
+    assert [t for t, _, _ in trajectory] == [9, 4]
+    torch.testing.assert_close(trajectory[0][1].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(init_image, torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1)
+
+
+def test_a_one_channel_model_samples_end_to_end():
+    tiny_checkpoint("gray", 0, seed=2, dataset="folder", channels=1)
+    arrays = npz_of("gray", *FAST)
+    images = arrays["arr_0"]
+    assert images.shape == (4, 16, 16, 3)  # grayscale written as RGB with three equal channels
+    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])
+    assert images.std() > 0 and not np.array_equal(images[0], images[1])
+    assert run_sample("--run-name", "gray", "--gif", *FAST) == 0
+    assert run_sample("--run-name", "gray", *FAST) == 0
+    grid = iio.imread(only_file("results/images/gray", "samples_*.png"))
+    assert grid.ndim == 3 and grid.shape[-1] == 3
+    assert len(list(Path("results/images/gray").glob("process_*.gif"))) == 1
 
 
 def test_inpainting_keeps_the_black_pixels_of_the_mask_and_repaints_the_white():
@@ -363,6 +421,9 @@ BAD_INPUTS = {
                            "only a U-Net with the ddpm-cifar10 architecture converts"),
     "pretrained not a model": (["--pretrained", "empty"], "has no config.json"),
     "no training log": (["--run-name", "uncond", "--plot-loss"], "--plot-loss needs the training log"),
+    "ddpm variance, other sampler": (["--run-name", "uncond", "--sampler", "ddim", "--ddpm-variance", "large"],
+                                     "only applies to --sampler ddpm"),
+    "dynamic threshold of 1": (["--run-name", "uncond", "--dynamic-threshold", "1"], "--dynamic-threshold must be"),
 }
 
 
@@ -377,6 +438,23 @@ def test_bad_input_gets_one_sentence_and_a_non_zero_exit(case, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,variance,threshold", [
+    ([], "auto", 0.0), (["--ddpm-variance", "large", "--dynamic-threshold", "0.995"], "large", 0.995)])
+def test_ddpm_variance_and_dynamic_threshold_reach_the_sampler(monkeypatch, flags, variance, threshold):
+    seen = []
+    original = sample.create_diffusion(config.get_config("demo")).sample.__func__
+
+    def recording(self, *args, **kwargs):
+        seen.append((kwargs["ddpm_variance"], kwargs["dynamic_threshold"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr("diffusion.GaussianDiffusion.sample", recording)
+    assert run_sample("--run-name", "uncond", "--sampler", "ddpm", *flags, *FAST) == 0
+    assert seen == [(variance, threshold)]
+    assert only_file("results/images/uncond").name == ("samples_ddpm_4steps_large_dt0.995.png" if flags
+                                                        else "samples_ddpm_4steps.png")
 
 
 # --- the fast path: inference.prepare_for_sampling ------------------------------------------------------
