@@ -49,7 +49,8 @@ import train
 import utils
 from config import flag_field
 from diffusion import create_diffusion
-from model import DIFFUSERS_DDPM_CIFAR10_CONFIG, create_model
+from model import create_model
+from pretrained import DIFFUSERS_DDPM_CIFAR10_CONFIG
 from utils import UsageError
 
 COMPARES = ("none", "diffusers")
@@ -449,8 +450,8 @@ def main(argv=None):
     opts = parse_options(argv)
     try:
         run(opts)
-    except (UsageError, config.ConfigError) as error:
-        utils.fail(error)
+    except config.UserError as error:
+        config.fail(error)
 
 
 if __name__ == "__main__":

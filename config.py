@@ -10,7 +10,9 @@ with its help text, and becomes a `--field-name` flag in every script that train
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
 # Class counts of the datasets whose classes are fixed; a `folder` dataset counts its sub-folders.
@@ -22,14 +24,28 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-# sigma_t^2 of the ddpm sampler: beta_t ("large"), the posterior variance beta_tilde_t ("small"), or "auto": large
-# for the full T-step chain, small for a respaced (shorter) one, where large is far worse (DDIM Table 1).
-DDPM_VARIANCES = ("auto", "large", "small")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one sentence meant for the user."""
+# Where runs write: checkpoints/RUN/ and results/{images,plots,logs}/RUN/, relative to the working directory.
+CHECKPOINT_DIR = Path("checkpoints")
+RESULTS_DIR = Path("results")
+
+
+class UserError(Exception):
+    """A mistake the user made and can fix (a flag, a file, a checkpoint, a dataset); the message is one sentence
+    for them. Every script catches this one type and exits through `fail`. The modules raise its subclasses:
+    ConfigError here, CheckpointError and UsageError (utils.py), DatasetError (dataset.py), PretrainedError
+    (pretrained.py)."""
+
+
+def fail(message, code=1):
+    """Print `error: message` to stderr and exit with a non-zero code (for mistakes a user can fix)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work."""
 
 
 def flag_field(default, help, choices=None):
@@ -198,7 +214,8 @@ PRESETS = {
     ),
     # A tiny model on the built-in offline `shapes` data: trains on 2 CPU cores in a few minutes. v-prediction
     # with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain eps-prediction;
-    # bf16 autocast is 1.35x faster than fp32 here (CPUs with AMX; on CPUs without fast bf16 pass --amp none).
+    # bf16 autocast, which is faster than fp32 on CPUs with AMX; on CPUs without fast bf16 (no AMX or AVX-512
+    # BF16) it is far slower: pass --amp none there.
     "demo": dict(
         dataset="shapes", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
         num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=32, epochs=0,
@@ -245,12 +262,6 @@ def save_config(cfg, path):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config_to_dict(cfg), f, indent=2)
         f.write("\n")
-
-
-def load_config(path):
-    """Read a config written by `save_config`."""
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(json.load(f))
 
 
 # --- command-line flags -------------------------------------------------------------------------

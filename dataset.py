@@ -14,7 +14,6 @@ Run it to download or prepare a dataset and save a grid of its images:
 import argparse
 import os
 import socket
-import sys
 from typing import NamedTuple
 
 import torch
@@ -36,8 +35,8 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".
 DOWNLOAD_TIMEOUT_SECONDS = 30
 
 
-class DatasetError(Exception):
-    """A dataset that cannot be read or downloaded; the message is one sentence meant for the user."""
+class DatasetError(config.UserError):
+    """A dataset that cannot be read or downloaded."""
 
 
 def build_dataset(cfg, train=True):
@@ -345,9 +344,8 @@ def main(argv=None):
         # A folder has no separate test split; for the others, this also fetches the test data.
         test_set = None if cfg.dataset == "folder" else build_dataset(cfg, train=False)
         names = class_names(cfg)
-    except (config.ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except config.UserError as error:
+        config.fail(error)
 
     where = "built in" if cfg.dataset == "shapes" else f"in {cfg.data_dir}"
     sizes = f"{len(train_set):,} training images"
@@ -357,8 +355,8 @@ def main(argv=None):
     print(f"{cfg.dataset} ({where}): {sizes} of shape {image_shape}, {len(names)} classes: {', '.join(names)}")
 
     preview = torch.stack([train_set[index][0] for index in range(min(64, len(train_set)))])
-    path = os.path.join("results", "images", f"dataset_{cfg.dataset}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = config.RESULTS_DIR / "images" / f"dataset_{cfg.dataset}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_image(preview * 0.5 + 0.5, path, nrow=8)  # save_image expects [0, 1]
     print(f"preview: {path}")
 

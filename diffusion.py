@@ -10,6 +10,7 @@ paper's step t + 1, so alphas_cumprod[0] = 1 - beta_1 and alphas_cumprod[T - 1] 
     diffusion = create_diffusion(cfg)
     loss = diffusion.training_loss(model, x0)                       # x0: [B, C, H, W] in [-1, 1]
     images = diffusion.sample(ema_model, (16, 3, 32, 32), sampler="ddim", steps=50)
+    # the samplers themselves are in samplers.py
 
 This file knows nothing of the network, the data or training: `model` is any callable model(x_t, t) or
 model(x_t, t, y) returning a tensor shaped like x_t, the predicted eps, x0 or v (see `objective`).
@@ -18,9 +19,9 @@ model(x_t, t, y) returning a tensor shaped like x_t, the predicted eps, x0 or v 
 import math
 
 import torch
-from tqdm import tqdm
 
-from config import BETA_SCHEDULES, DDPM_VARIANCES, LOSS_WEIGHTINGS, OBJECTIVES, SAMPLERS
+from config import BETA_SCHEDULES, LOSS_WEIGHTINGS, OBJECTIVES
+from samplers import DDPM_VARIANCES, SAMPLERS, per_step, randn
 
 SKIP_TYPES = ("uniform", "quadratic")
 
@@ -85,18 +86,6 @@ def dynamic_thresholding(x0_pred, percentile):
     s = torch.quantile(x0_pred.abs().flatten(1), percentile, dim=1).clamp(min=1)  # [B]
     s = s.view(-1, *[1] * (x0_pred.ndim - 1))
     return x0_pred.clamp(-s, s) / s
-
-
-def _randn(shape, generator, device):
-    """N(0, I) noise from `generator`, drawn on the generator's own device and moved to `device`, so a seed gives the
-    same noise wherever the model runs (a generator on `device` avoids the copy)."""
-    noise_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=noise_device).to(device)
-
-
-def _per_step(coefficient, x):
-    """A per-step coefficient [N], computed once in float64, as float32 on x's device for the sampling loop."""
-    return coefficient.to(x.device, torch.float32)
 
 
 def _infer_device(x_T, model):
@@ -306,15 +295,15 @@ class GaussianDiffusion:
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
-    def sampling_timesteps(self, steps, start_t=None, skip_type="uniform"):
-        """The timesteps a sampler visits: `steps` ints in decreasing order from top - 1, top = start_t (SDEdit) or T.
+    def sampling_timesteps(self, steps, top=None, skip_type="uniform"):
+        """The timesteps a sampler visits: `steps` ints in decreasing order from top - 1 (top: T, or SDEdit's t0).
 
         DDIM App. D.2 in the paper's 1-based steps: tau_i = floor(c i) ("uniform") or floor(c i^2) ("quadratic") for
         i = 1 ... steps, with c such that tau_steps = top; the table index is tau_i - 1. After the smallest, the last
         step goes to the clean image. (Visiting t = 0 as well, as improved-diffusion does, would leave DPM-Solver++ a
         second-order step with a very uneven step ratio: five times the error at 20 steps in the Gaussian test.)
         """
-        top = self.num_timesteps if start_t is None else start_t
+        top = self.num_timesteps if top is None else top
         _check(isinstance(steps, int) and 1 <= steps <= top, f"steps must be an integer from 1 to {top}, got {steps!r}")
         _check(skip_type in SKIP_TYPES, f"skip_type must be one of {', '.join(SKIP_TYPES)}, not {skip_type!r}")
         if skip_type == "uniform":
@@ -325,7 +314,7 @@ class GaussianDiffusion:
                 timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
         return timesteps[::-1]
 
-    def _alpha_bars(self, timesteps):
+    def step_alpha_bars(self, timesteps):
         """alpha_bar at each visited timestep and at the one after it (1 after the last: the clean image), float64 [N]
         each. For a subset of timesteps this respaces the chain: the step from t to the next kept timestep is a
         DDPM step with beta = 1 - alpha_bar_t / alpha_bar_prev (Improved DDPM), so no sampler needs a special case."""
@@ -333,187 +322,109 @@ class GaussianDiffusion:
         alpha_bar_prev = torch.cat([alpha_bar[1:], torch.ones(1, dtype=torch.float64)])
         return alpha_bar, alpha_bar_prev
 
+    def predictor(self, model, y=None, guidance_scale=1.0, clip_denoised=True, dynamic_threshold=0.0):
+        """predict(x_t, t) -> (eps, x0_pred) for an int timestep t: what every sampler calls (model_predictions with
+        the guidance and clipping asked for, at t for the whole batch)."""
+        def predict(x_t, t):
+            t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+            return self.model_predictions(model, x_t, t_batch, y, guidance_scale, clip_denoised, dynamic_threshold)
+        return predict
+
+    def sdedit_start(self, init_image, strength, noise):
+        """SDEdit (Meng et al. 2022): the input image noised to t0 = round(strength x T) by q(x_t0 | x_0), with
+        `noise` as its eps, and t0. strength 0 is the image itself (t0 = 0), 1 ignores it (the noise itself, t0 = T).
+        t0 is the paper's step, table index t0 - 1."""
+        t0 = round(strength * self.num_timesteps)
+        if t0 == 0:
+            return init_image.expand(noise.shape).clone(), 0
+        if t0 == self.num_timesteps:  # x_T itself: alpha_bar_T is small but not 0, and strength 1 ignores the input
+            return noise, t0
+        t = torch.full((noise.shape[0],), t0 - 1, device=noise.device)
+        return self.q_sample(init_image.expand(noise.shape), t, noise), t0
+
+    def inpainting_hook(self, timesteps, mask, x_known, generator):
+        """on_step for inpainting (as RePaint, without resampling): after every step the pixels where mask == 1 are
+        replaced by x_known noised to the new step's level with Eq. 4, so they end exactly equal to x_known."""
+        keep = mask > 0.5
+        alpha_bar_prev = self.step_alpha_bars(timesteps)[1]
+        sqrt_alpha_bar_prev = per_step(alpha_bar_prev.sqrt(), x_known)
+        sqrt_one_minus_alpha_bar_prev = per_step((1 - alpha_bar_prev).sqrt(), x_known)
+
+        def on_step(i, x_t, x0_pred, x_prev):
+            z = randn(x_prev.shape, generator, x_prev.device)
+            x_known_prev = sqrt_alpha_bar_prev[i] * x_known + sqrt_one_minus_alpha_bar_prev[i] * z
+            return torch.where(keep, x_known_prev, x_prev)
+        return on_step
+
     @torch.no_grad()
     def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, clip_denoised=True, generator=None, y=None,
-               guidance_scale=1.0, x_T=None, return_trajectory=False, *, skip_type="uniform", ddpm_variance="auto",
-               dynamic_threshold=0.0, start_t=None, mask=None, x_known=None, progress=False, device=None):
+               guidance_scale=1.0, x_T=None, return_trajectory=False, *, skip_type="uniform", dynamic_threshold=0.0,
+               init_image=None, strength=1.0, mask=None, device=None, **sampler_options):
         """Generate a batch x_0 of shape `shape` [B, C, H, W] by running the reverse process from x_T.
 
         model: a callable model(x_t, t) or model(x_t, t, y): the network (EMA or not) or an analytic predictor.
-        sampler: "ddpm" (ancestral, DDPM Alg. 2), "ddim" (DDIM Eq. 12) or "dpmpp2m" (DPM-Solver++(2M)).
-        steps: model evaluations; None = all T (or start_t). Fewer visit a subset spaced by skip_type
-            ("uniform" or "quadratic"); the model always sees the original timestep indices.
-        eta: DDIM's noise scale, 0 (deterministic) to 1. ddpm_variance: sigma_t^2 of the ddpm sampler, "large"
-            (beta_t, as DDPM on CIFAR-10), "small" (the posterior variance beta_tilde_t), or "auto": large for the
-            full chain, small when the chain is respaced (there large gives CIFAR-10 FID 32.7 at 50 steps against
-            8.0 with small, DDIM Table 1).
+        sampler: a name in samplers.SAMPLERS: "ddpm" (ancestral, DDPM Alg. 2), "ddim" (DDIM Eq. 12) or "dpmpp2m"
+            (DPM-Solver++(2M)). eta is DDIM's noise scale (0 = deterministic, 1); other samplers' own options go
+            in sampler_options, e.g. ddpm_variance="auto" | "large" | "small" (see samplers.ddpm_sample).
+        steps: model evaluations; None = all T. Fewer visit a subset spaced by skip_type ("uniform" or
+            "quadratic"); the model always sees the original timestep indices.
         clip_denoised: clamp each x0_pred and the result to [-1, 1]; dynamic_threshold: with clip_denoised, a
             percentile p in (0, 1) uses dynamic thresholding at p instead (Imagen; 0.995 is usual), 0 = static.
-        generator: draws all noise, x_T included.
-        y, guidance_scale: labels [B] and the classifier-free guidance scale w (1 = conditional, 0 = unconditional).
+        generator: draws all noise, x_T included. y, guidance_scale: labels [B] and the classifier-free guidance
+            scale w (1 = conditional, 0 = unconditional).
         x_T: the starting noise (drawn with `generator` when None). device: where to sample (default: x_T's device,
             else the model's, else the CPU).
-        start_t (SDEdit, Meng et al. 2022): x_T is an image the caller noised with q_sample at timestep start_t - 1;
-            the chain starts there and `steps` spread over [0, start_t). start_t = 0 returns x_T unchanged.
-        mask, x_known (inpainting, as RePaint without resampling): after every step the pixels where mask == 1
-            are replaced by x_known noised to the new step's level (Eq. 4), so they end exactly equal to x_known.
-        progress: show a tqdm bar over the steps.
+        init_image [1 or B, C, H, W], strength: SDEdit. The chain starts from init_image noised to t0 =
+            round(strength x T) with x_T as the noise (sdedit_start) and runs only its steps below t0:
+            ceil(steps x t0 / T) of them. strength 0 returns init_image, 1 ignores it.
+        mask [1 or B, 1, H, W]: inpainting of init_image: pixels where mask == 1 are kept (inpainting_hook); with
+            strength 1 (the usual) the other pixels are made from pure noise.
         Returns x_0 [B, C, H, W] float32, or (x_0, trajectory) with return_trajectory: one (t, x_t, x0_pred) per
         step in sampling order, t the timestep fed to the model, x_t the state before the step, both on the CPU.
         """
         _check(sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-        _check(ddpm_variance in DDPM_VARIANCES,
-               f"ddpm_variance must be one of {', '.join(DDPM_VARIANCES)}, not {ddpm_variance!r}")
-        _check(0 <= eta <= 1, f"eta must be between 0 and 1, got {eta}")
-        _check(eta == 0 or sampler == "ddim", f"eta only applies to the ddim sampler, not to {sampler}")
+        options = dict(sampler_options, **({"eta": eta} if eta != 0 else {}))
+        unknown = sorted(set(options) - set(SAMPLERS[sampler].options))
+        _check(not unknown, f"{', '.join(unknown)} does not apply to the {sampler} sampler")
+        options = {**SAMPLERS[sampler].options, **options}
+        _check(0 <= options.get("eta", 0) <= 1, f"eta must be between 0 and 1, got {eta}")
+        _check(options.get("ddpm_variance", "auto") in DDPM_VARIANCES,
+               f"ddpm_variance must be one of {', '.join(DDPM_VARIANCES)}, not {options.get('ddpm_variance')!r}")
         _check(0 <= dynamic_threshold < 1, f"dynamic_threshold must be a percentile in [0, 1), got {dynamic_threshold}")
-        _check(start_t is None or (isinstance(start_t, int) and 0 <= start_t <= self.num_timesteps),
-               f"start_t must be an integer from 0 to {self.num_timesteps}, got {start_t!r}")
-        _check(start_t is None or x_T is not None, "start_t needs x_T, the input image noised to timestep start_t - 1")
+        _check(0 <= strength <= 1, f"strength must be in [0, 1], got {strength}")
+        _check(init_image is not None or (strength == 1 and mask is None),
+               "strength and mask need init_image, the picture to start from")
         if x_T is not None:
             _check(tuple(x_T.shape) == tuple(shape), f"x_T has shape {tuple(x_T.shape)}, but shape is {tuple(shape)}")
         _check(guidance_scale == 1 or y is not None, "classifier-free guidance (guidance_scale != 1) needs labels y")
         _check(y is None or self.num_classes > 0, "got class labels y, but this diffusion is unconditional")
-        _check((mask is None) == (x_known is None), "inpainting needs both mask and x_known")
-        if start_t == 0:  # SDEdit with strength 0: nothing to denoise
-            return (x_T, []) if return_trajectory else x_T
-
-        top = self.num_timesteps if start_t is None else start_t
-        timesteps = self.sampling_timesteps(top if steps is None else steps, start_t, skip_type)
         device = torch.device(device) if device is not None else _infer_device(x_T, model)
-        x_T = _randn(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
+        x_T = randn(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
         y = y.to(device) if y is not None else None
 
-        def predict(x_t, t):
-            t_batch = torch.full((x_t.shape[0],), t, device=device, dtype=torch.long)
-            return self.model_predictions(model, x_t, t_batch, y, guidance_scale, clip_denoised, dynamic_threshold)
+        # SDEdit: start from the input noised to t0, and run the chain's steps below t0 only.
+        top = self.num_timesteps
+        if init_image is not None:
+            init_image = init_image.to(device, torch.float32)
+            x_T, top = self.sdedit_start(init_image, strength, x_T)
+            if top == 0:  # strength 0: nothing to denoise
+                return (x_T, []) if return_trajectory else x_T
+        steps = top if steps is None else math.ceil(steps * top / self.num_timesteps)
+        timesteps = self.sampling_timesteps(steps, top, skip_type)
 
+        # After every step: the trajectory, and for inpainting the known pixels put back.
         trajectory = []
-        progress_bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", disable=not progress)
+        inpaint = None
         if mask is not None:
-            keep = mask.to(device) > 0.5
-            x_known = x_known.to(device, torch.float32)
-            alpha_bar_prev = self._alpha_bars(timesteps)[1]
-            sqrt_alpha_bar_prev = _per_step(alpha_bar_prev.sqrt(), x_T)
-            sqrt_one_minus_alpha_bar_prev = _per_step((1 - alpha_bar_prev).sqrt(), x_T)
+            inpaint = self.inpainting_hook(timesteps, mask.to(device), init_image.expand(shape), generator)
 
         def on_step(i, x_t, x0_pred, x_prev):
-            """Runs after step i (x_t -> x_prev): records the trajectory, re-imposes the known pixels."""
             if return_trajectory:
                 trajectory.append((timesteps[i], x_t.cpu(), x0_pred.cpu()))
-            if mask is not None:
-                noise = _randn(x_prev.shape, generator, device)
-                x_known_prev = sqrt_alpha_bar_prev[i] * x_known + sqrt_one_minus_alpha_bar_prev[i] * noise
-                x_prev = torch.where(keep, x_known_prev, x_prev)
-            progress_bar.update()
-            return x_prev
+            return x_prev if inpaint is None else inpaint(i, x_t, x0_pred, x_prev)
 
-        if sampler == "ddpm":
-            if ddpm_variance == "auto":  # respaced: some timestep below the top is skipped
-                ddpm_variance = "large" if len(timesteps) == top else "small"
-            x0 = self.ddpm_sample(predict, x_T, timesteps, generator, on_step, variance=ddpm_variance)
-        elif sampler == "ddim":
-            x0 = self.ddim_sample(predict, x_T, timesteps, generator, on_step, eta=eta)
-        else:
-            x0 = self.dpmpp2m_sample(predict, x_T, timesteps, generator, on_step)
-        progress_bar.close()
+        predict = self.predictor(model, y, guidance_scale, clip_denoised, dynamic_threshold)
+        x0 = SAMPLERS[sampler].run(self, predict, x_T, timesteps, generator, on_step, **options)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         return (x0, trajectory) if return_trajectory else x0
-
-    # The samplers share one signature. predict(x_t, t) -> (eps, x0_pred) is the model's prediction at the int
-    # timestep t (guided and clipped as sample() asked); timesteps is the decreasing list to visit, and the step
-    # after the last one lands on the clean image (alpha_bar = 1); on_step(i, x_t, x0_pred, x_prev) -> x_prev runs
-    # after every step. Per-step coefficients are computed once, before the loop, so the loop never waits for the GPU.
-
-    def ddpm_sample(self, predict, x_T, timesteps, generator, on_step, variance="large"):
-        """Ancestral sampling (DDPM Algorithm 2) over `timesteps`, all T of them or a respaced subset:
-
-            x_prev = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t z,   z ~ N(0, I),
-            sigma_t^2 = beta_t ("large") or beta_tilde_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta_t ("small"),
-        with beta_t = 1 - alpha_bar_t / alpha_bar_prev over the visited steps (the original betas when all T are
-        visited) and z = 0 on the last step. The mean equals q_posterior's mu_tilde at x0_pred (Eq. 7), since eps
-        is recomputed from x0_pred whenever x0_pred is clipped.
-        """
-        # Respacing: the betas of the chain over the visited timesteps, rebuilt from their alpha-bars
-        alpha_bar, alpha_bar_prev = self._alpha_bars(timesteps)
-        beta = 1 - alpha_bar / alpha_bar_prev
-        sigma = beta.sqrt() if variance == "large" else ((1 - alpha_bar_prev) / (1 - alpha_bar) * beta).sqrt()
-        sigma[-1] = 0  # Alg. 2: z = 0 on the last step, which returns the mean
-        sqrt_alpha = _per_step((1 - beta).sqrt(), x_T)
-        sqrt_one_minus_alpha_bar = _per_step((1 - alpha_bar).sqrt(), x_T)
-        beta = _per_step(beta, x_T)
-        sigma = _per_step(sigma, x_T)
-
-        x_t = x_T
-        for i, t in enumerate(timesteps):
-            # Alg. 2, line 3: z ~ N(0, I)
-            z = _randn(x_t.shape, generator, x_t.device)
-            # line 4: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z
-            eps, x0_pred = predict(x_t, t)
-            x_prev = (x_t - beta[i] / sqrt_one_minus_alpha_bar[i] * eps) / sqrt_alpha[i] + sigma[i] * z
-            x_t = on_step(i, x_t, x0_pred, x_prev)
-        return x_t
-
-    def ddim_sample(self, predict, x_T, timesteps, generator, on_step, eta=0.0):
-        """DDIM (Song et al. 2021, Eq. 12) over `timesteps`; alpha_bar_prev is the next visited step's (1 after
-        the last), and sigma_t is Eq. 16. eta = 0 is deterministic (an ODE solver); eta = 1 is ancestral sampling
-        with sigma_t^2 = beta_tilde:
-
-            x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma_t^2) eps + sigma_t z,
-            sigma_t = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev).
-        """
-        alpha_bar, alpha_bar_prev = self._alpha_bars(timesteps)
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        direction_scale = _per_step((1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt(), x_T)
-        sqrt_alpha_bar_prev = _per_step(alpha_bar_prev.sqrt(), x_T)
-        sigma = _per_step(sigma, x_T)
-
-        x_t = x_T
-        for i, t in enumerate(timesteps):
-            # 1. predict the noise eps_theta(x_t, t) and the "predicted x_0" it implies
-            eps, x0_pred = predict(x_t, t)
-            # 2. "direction pointing to x_t", and the random noise (none when eta = 0)
-            direction = direction_scale[i] * eps
-            z = _randn(x_t.shape, generator, x_t.device) if eta > 0 else torch.zeros_like(x_t)
-            # 3. x_prev = sqrt(alpha_bar_prev) x0_pred + direction + sigma_t z
-            x_prev = sqrt_alpha_bar_prev[i] * x0_pred + direction + sigma[i] * z
-            x_t = on_step(i, x_t, x0_pred, x_prev)
-        return x_t
-
-    def dpmpp2m_sample(self, predict, x_T, timesteps, generator, on_step):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE in
-        lambda = log(alpha_t / sigma_t), driven by the data prediction x0_pred; deterministic, best at 15-25 steps.
-
-        Its alpha_t, sigma_t are sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) in DDPM symbols. With the step size
-        h = lambda_next - lambda_t and r = h_last / h (h_last: the previous step's h),
-            D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_last,
-            x_next = (sigma_next / sigma_t) x_t - alpha_next (exp(-h) - 1) D.
-        The first step has no x0_pred_last and the last goes to sigma = 0 (h = inf): both use first order, D = x0_pred,
-        so the last step returns x0_pred (for 2M, diffusers' lower_order_final changes only this last step too).
-        """
-        # "next" is the next visited timestep, or the clean image (alpha = 1, sigma = 0) after the last
-        alpha_bar, alpha_bar_next = self._alpha_bars(timesteps)
-        sigma_t = (1 - alpha_bar).sqrt()
-        sigma_next = (1 - alpha_bar_next).sqrt()
-        lambda_t = (alpha_bar.sqrt() / sigma_t).log()
-        lambda_next = (alpha_bar_next.sqrt() / sigma_next).log()  # +inf after the last step
-        h = lambda_next - lambda_t
-        half_inv_r = torch.cat([torch.zeros(1, dtype=torch.float64), h[1:] / (2 * h[:-1])])  # 1/(2r); 0 = first order
-        half_inv_r[-1] = 0
-        sigma_ratio = _per_step(sigma_next / sigma_t, x_T)
-        data_scale = _per_step(-alpha_bar_next.sqrt() * torch.expm1(-h), x_T)  # -alpha_next (exp(-h) - 1)
-        half_inv_r = _per_step(half_inv_r, x_T)
-
-        x_t = x_T
-        x0_pred_last = None
-        for i, t in enumerate(timesteps):
-            # 1. data prediction x_theta(x_t, t)
-            _, x0_pred = predict(x_t, t)
-            # 2. D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_last: x0_pred plus a correction from the last one
-            D = x0_pred if x0_pred_last is None else x0_pred + half_inv_r[i] * (x0_pred - x0_pred_last)
-            # 3. x_next = (sigma_next / sigma_t) x_t - alpha_next (exp(-h) - 1) D
-            x_next = sigma_ratio[i] * x_t + data_scale[i] * D
-            x0_pred_last = x0_pred
-            x_t = on_step(i, x_t, x0_pred, x_next)
-        return x_t

@@ -31,6 +31,7 @@ reference's features and statistics.
 """
 
 import csv
+import dataclasses
 import json
 import time
 import urllib.error
@@ -51,7 +52,6 @@ import inference
 import utils
 from config import flag_field
 from diffusion import create_diffusion
-from model import PretrainedError
 from utils import UsageError
 
 DATA_DIR = Path("data")
@@ -68,36 +68,14 @@ CSV_COLUMNS = ("run", "step", "sampler", "steps", "guidance", "num_samples", "fi
 
 
 @dataclass
-class EvalOptions:
-    """What to score and how. Every field is a --flag of the same name (see --help)."""
+class EvalOptions(inference.SamplingOptions):
+    """What to score and how: the shared sampling options (a model trained with labels samples every class equally
+    often), then these. Every field is a --flag of the same name (see --help)."""
 
-    run_name: str = flag_field("", f"run to evaluate (checkpoints/RUN/last.pt) and name of the outputs (default "
-                                   f"{inference.DEFAULT_RUN}, or the checkpoint's run, or '{inference.PRETRAINED_RUN}')")
-    checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
-    pretrained: str = flag_field("", "a diffusers DDPM CIFAR-10 folder or Hub id (google/ddpm-cifar10-32) to load "
-                                     "instead of a checkpoint")
-    ema: bool = flag_field(True, "use the EMA weights (default); --no-ema uses the raw trained weights")
     samples: str = flag_field("", "score these images instead of sampling: a folder of PNG/JPEG files or an .npz "
                                   "whose arr_0 is uint8 (N, H, W, 3)")
     num_samples: int = flag_field(PAPER_SAMPLES, f"images to generate (default {PAPER_SAMPLES}, as papers use)")
-    sampler: str = flag_field("ddim", f"sampler: {', '.join(config.SAMPLERS)} (default ddim)")
-    steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: ddpm all T, ddim 100, dpmpp2m 20")
-    eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
-    ddpm_variance: str = flag_field("auto", "sigma_t^2 of --sampler ddpm: large (beta_t, DDPM's choice for the full "
-                                            "chain), small (the posterior variance), or auto (default): large for "
-                                            "all T steps, small for fewer (far better there: DDIM Table 1)",
-                                    config.DDPM_VARIANCES)
-    dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
-                                               "0.995 is usual), against saturated colours at high guidance; 0 "
-                                               "(default) clips x_0 to [-1, 1]")
-    guidance_scale: float = flag_field(1.0, "classifier-free guidance scale for models trained with labels, "
-                                            "which sample every class equally often (default 1)")
     batch_size: int = flag_field(256, "images per forward pass of the model and of Inception (default 256)")
-    seed: int = flag_field(0, "random seed of the sampling noise (default 0)")
-    amp: str = flag_field("auto", "mixed precision of the sampling: auto (bf16/fp16 on CUDA), none, fp16, bf16")
-    device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
-    compile: bool = flag_field(False, "torch.compile the network for sampling (as sample.py --compile): 1.3x "
-                                      "faster on a CPU, after 15-60 s of compiling")
     metrics: str = flag_field(",".join(METRICS), f"comma-separated metrics to compute (default {','.join(METRICS)})")
     inception_weights: str = flag_field("", f"a local copy of {URL_INCEPTION_V3}, for machines without network "
                                             f"(default {DATA_DIR / INCEPTION_FILE}, downloaded when missing)")
@@ -119,8 +97,7 @@ def check_options(opts):
         if name not in METRICS:
             raise UsageError(f"unknown metric {name!r}; --metrics takes a comma-separated list of "
                              f"{', '.join(METRICS)}")
-    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale, opts.ddpm_variance,
-                             opts.dynamic_threshold)
+    inference.check_sampling(opts)
     if opts.num_samples < MIN_SAMPLES or opts.batch_size < 1:
         raise UsageError(f"--num-samples must be at least {MIN_SAMPLES} and --batch-size at least 1, got "
                          f"{opts.num_samples} and {opts.batch_size}")
@@ -186,19 +163,16 @@ def sample_images(opts, device, amp_dtype):
     """opts.num_samples images from the model the options name: uint8 (N, H, W, 3), and the settings used."""
     loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     cfg = loaded.cfg
-    steps = inference.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
+    opts = dataclasses.replace(opts, steps=inference.sampling_steps(cfg, opts))
     # A model trained with labels gets every class equally often, as CIFAR-10 has them.
     labels = torch.arange(opts.num_samples) % cfg.num_classes if cfg.num_classes > 0 else None
     amp = str(amp_dtype).removeprefix("torch.") if amp_dtype else "none"
-    print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {steps} steps, on "
+    print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {opts.steps} steps, on "
           f"{device}, amp {amp}")
     model = inference.prepare_for_sampling(loaded.model, device, amp_dtype, opts.compile)
-    images = inference.generate(model, create_diffusion(cfg), cfg, opts.num_samples,
-                            sampler=opts.sampler, steps=steps, device=device, batch_size=opts.batch_size,
-                            seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale,
-                            ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold,
-                            amp_dtype=amp_dtype, labels=labels)
-    settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=steps,
+    images = inference.generate(model, create_diffusion(cfg), cfg, opts, opts.num_samples, device=device,
+                                batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels)
+    settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=opts.steps,
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
                     ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold)
     return utils.to_uint8(images), settings
@@ -342,8 +316,8 @@ def main(argv=None):
     opts = parse_options(argv)
     try:
         written = run(opts)
-    except (UsageError, utils.CheckpointError, config.ConfigError, PretrainedError) as error:
-        utils.fail(error)
+    except config.UserError as error:
+        config.fail(error)
     print("wrote:")
     for path in written:
         print(f"  {path}")

@@ -1,15 +1,17 @@
 """A trained model and batched sampling from it: what sample.py and evaluate.py share.
 
-    loaded = load_model(run_name="demo")                  # or checkpoint=PATH, or pretrained=PATH_OR_ID
-    steps = sampling_steps(loaded.cfg, "ddim", 0, 1.0)    # the sampler's default: 100
+    opts = SamplingOptions(run_name="demo", sampler="ddim")   # what the shared --flags say
+    loaded = load_model(opts.run_name)                    # or checkpoint=PATH, or pretrained=PATH_OR_ID
+    opts.steps = sampling_steps(loaded.cfg, opts)         # the sampler's default: 100
     model = prepare_for_sampling(loaded.model, device, amp_dtype)   # channels-last, weights in the AMP dtype
-    images = generate(model, create_diffusion(loaded.cfg), loaded.cfg, 64, sampler="ddim", steps=steps,
-                      device=device, amp_dtype=amp_dtype) # (64, C, H, W) in [-1, 1]
+    images = generate(model, create_diffusion(loaded.cfg), loaded.cfg, opts, 64, device=device,
+                      amp_dtype=amp_dtype)                # (64, C, H, W) in [-1, 1]
 
-Imports config, model and utils, and no script.
+Imports config, model, samplers and utils, and no script.
 """
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,13 +21,56 @@ from torch._inductor import config as inductor_config
 from tqdm import tqdm
 
 import config
-from model import create_model, load_pretrained
+from config import flag_field
+from model import create_model
+from pretrained import load_pretrained
+from samplers import DDPM_VARIANCES, SAMPLERS
 import utils
 
 
 DEFAULT_RUN = "cifar10"
 PRETRAINED_RUN = "pretrained"  # the run name outputs go under for --pretrained
-DEFAULT_STEPS = {"ddim": 100, "dpmpp2m": 20}  # ddpm: all T steps
+
+
+@dataclass
+class DeviceOptions:
+    """Where and how fast to run the network. Every field is a --flag of the same name (see --help)."""
+
+    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
+                                  "bf16")
+    device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
+    compile: bool = flag_field(False, "torch.compile the network; for sampling with inductor's freezing (on CUDA with "
+                                      "CUDA graphs too), which pays off after a few hundred network calls "
+                                      "(README: Speed notes)")
+
+
+@dataclass
+class SamplingOptions(DeviceOptions):
+    """Which trained model to load and how to sample from it: the options sample.py and evaluate.py share."""
+
+    run_name: str = flag_field("", f"run to load: checkpoints/RUN/last.pt (or its newest readable step file); "
+                                   f"outputs go under results/*/RUN/ (default {DEFAULT_RUN}; with --checkpoint the "
+                                   f"checkpoint's own run, with --pretrained '{PRETRAINED_RUN}')")
+    checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
+    pretrained: str = flag_field("", "a diffusers-format DDPM CIFAR-10 folder (or Hub id such as "
+                                     "google/ddpm-cifar10-32) to load instead of a checkpoint")
+    ema: bool = flag_field(True, "use the EMA weights (default); --no-ema uses the raw trained weights")
+    sampler: str = flag_field("ddim", "sampler (default ddim)", tuple(SAMPLERS))
+    steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: "
+                               + ", ".join(f"{name} {sampler.default_steps or 'all T'}"
+                                           for name, sampler in SAMPLERS.items()))
+    eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
+    ddpm_variance: str = flag_field("auto", "sigma_t^2 of --sampler ddpm: large (beta_t, DDPM's choice for the full "
+                                            "chain), small (the posterior variance), or auto (default): large for "
+                                            "all T steps, small for fewer (far better there: DDIM Table 1)",
+                                    DDPM_VARIANCES)
+    dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
+                                               "0.995 is usual), against saturated colours at high guidance; 0 "
+                                               "(default) clips x_0 to [-1, 1]")
+    guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0 for models trained with labels: "
+                                            "1 (default) = plain conditional, 0 = unconditional, 2-5 = more typical "
+                                            "of the class")
+    seed: int = flag_field(0, "random seed; the same seed gives the same images (default 0)")
 
 
 class LoadedModel(NamedTuple):
@@ -95,50 +140,56 @@ def load_model(run_name="", checkpoint="", pretrained="", use_ema=True):
     return LoadedModel(model, cfg, run_name or cfg.name, source, step)
 
 
-def check_sampling(sampler, steps, eta, guidance_scale, ddpm_variance="auto", dynamic_threshold=0.0):
-    """Raise utils.UsageError for sampling options that cannot work whatever the model."""
-    if sampler not in config.SAMPLERS:
-        raise utils.UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(config.SAMPLERS)}")
-    if ddpm_variance not in config.DDPM_VARIANCES or (ddpm_variance != "auto" and sampler != "ddpm"):
-        raise utils.UsageError(f"--ddpm-variance must be one of {', '.join(config.DDPM_VARIANCES)} and only applies "
-                               f"to --sampler ddpm, got {ddpm_variance} with {sampler}")
-    if not 0 <= dynamic_threshold < 1:
+def check_sampling(opts):
+    """Raise utils.UsageError for sampling options (a SamplingOptions) that cannot work whatever the model."""
+    if opts.sampler not in SAMPLERS:
+        raise utils.UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if opts.steps < 0:
+        raise utils.UsageError(f"--steps must be positive (or 0 for the sampler's default), got {opts.steps}")
+    # Every sampler's own options: at their default unless this sampler takes them.
+    for name, sampler in SAMPLERS.items():
+        for option, default in sampler.options.items():
+            if getattr(opts, option) != default and option not in SAMPLERS[opts.sampler].options:
+                raise utils.UsageError(f"--{option.replace('_', '-')} only applies to --sampler {name}, got "
+                                       f"{getattr(opts, option)} with {opts.sampler}")
+    if not 0 <= opts.eta <= 1:
+        raise utils.UsageError(f"--eta must be in [0, 1], got {opts.eta}")
+    if opts.ddpm_variance not in DDPM_VARIANCES:
+        raise utils.UsageError(f"--ddpm-variance must be one of {', '.join(DDPM_VARIANCES)}, got {opts.ddpm_variance}")
+    if not 0 <= opts.dynamic_threshold < 1:
         raise utils.UsageError(f"--dynamic-threshold must be a percentile in [0, 1) such as 0.995 (0 = static "
-                               f"clipping to [-1, 1]), got {dynamic_threshold}")
-    if steps < 0:
-        raise utils.UsageError(f"--steps must be positive (or 0 for the sampler's default), got {steps}")
-    if not 0 <= eta <= 1 or (eta != 0 and sampler != "ddim"):
-        raise utils.UsageError(f"--eta must be in [0, 1] and only applies to --sampler ddim, got {eta} with {sampler}")
-    if guidance_scale < 0 or not math.isfinite(guidance_scale):
+                               f"clipping to [-1, 1]), got {opts.dynamic_threshold}")
+    if opts.guidance_scale < 0 or not math.isfinite(opts.guidance_scale):
         raise utils.UsageError(f"--guidance-scale must be 0 or more (0 = unconditional, 1 = plain conditional, "
-                         f"2-5 = stronger guidance), got {guidance_scale}")
+                               f"2-5 = stronger guidance), got {opts.guidance_scale}")
 
 
-def sampling_steps(cfg, sampler, steps, guidance_scale):
-    """The number of steps to sample this model with: `steps`, or when it is 0 the sampler's default (ddpm all T,
-    ddim 100, dpmpp2m 20, never more than T). Raises utils.UsageError for options this model cannot follow."""
+def sampling_steps(cfg, opts):
+    """The number of steps to sample this model with: opts.steps, or when it is 0 the sampler's default (ddpm all
+    T, ddim 100, dpmpp2m 20, never more than T). Raises utils.UsageError for options this model cannot follow."""
     T = cfg.timesteps
-    if steps > T:
-        raise utils.UsageError(f"--steps {steps} is more than the model's {T} timesteps; use at most {T}")
-    if cfg.num_classes == 0 and guidance_scale != 1:
-        raise utils.UsageError(f"--guidance-scale {guidance_scale} needs a model trained with labels; this one is "
-                         f"unconditional, so leave it at 1")
-    return steps or min(DEFAULT_STEPS.get(sampler, T), T)
+    if opts.steps > T:
+        raise utils.UsageError(f"--steps {opts.steps} is more than the model's {T} timesteps; use at most {T}")
+    if cfg.num_classes == 0 and opts.guidance_scale != 1:
+        raise utils.UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels; this one "
+                               f"is unconditional, so leave it at 1")
+    return opts.steps or min(SAMPLERS[opts.sampler].default_steps or T, T)
 
 
 def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
     """The model, moved to `device` and made faster to sample from; the same numbers up to rounding.
 
     - Channels-last memory format: oneDNN's convolutions run in it natively, where the default (NCHW) layout costs
-      a reorder of every input and output (sampling ddpm-cifar10 in bf16 on a 2-core CPU: 1.3x the images/s).
+      a reorder of every input and output.
     - With mixed precision, the weights of convolutions and linear layers are stored in `amp_dtype`. Autocast would
-      cast them to it at every use anyway; stored, they skip the cast (another 1.1x on that CPU). GroupNorm keeps
+      cast them to it at every use anyway; stored, they skip the cast. GroupNorm keeps
       its float32 weights, as under autocast.
     - compile: torch.compile with inductor's freezing, which folds the weights into the compiled graph as constants
-      (on a CPU in oneDNN's own layout) and fuses each convolution with what follows it (1.3x again there). On CUDA
+      (on a CPU in oneDNN's own layout) and fuses each convolution with what follows it. On CUDA
       also in mode "reduce-overhead", which replays the network's kernels as one CUDA graph. Freezing is a
       process-wide inductor setting; it only touches graphs compiled without gradients, as sampling's are.
-      The first calls compile (15-60 s on that CPU); that is paid back after several hundred network calls.
+      The first calls compile, which is paid back after several hundred network calls (README, Speed notes, has
+      the measured gains of all three).
 
     Changes `model` itself (its layout and dtypes) and returns it, or its compiled wrapper.
     """
@@ -154,25 +205,27 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
 
 
 @torch.no_grad()
-def generate(model, diffusion, cfg, num_samples, *, sampler, steps, device, batch_size=64, seed=0, eta=0.0,
-             guidance_scale=1.0, ddpm_variance="auto", dynamic_threshold=0.0, amp_dtype=None, labels=None,
+def generate(model, diffusion, cfg, opts, num_samples, *, device, batch_size=64, amp_dtype=None, labels=None,
              init_image=None, strength=1.0, keep_mask=None, return_trajectory=False):
-    """Sample num_samples images in batches of batch_size: float32 (N, C, H, W) on the CPU, in [-1, 1].
+    """Sample num_samples images as `opts` (a SamplingOptions) says, in batches of batch_size: float32
+    (N, C, H, W) on the CPU, in [-1, 1].
 
-    `steps` must already be resolved (> 0; see sampling_steps). labels: (N,) class labels, or None. init_image
+    opts.steps must already be resolved (> 0; see sampling_steps). labels: (N,) class labels, or None. init_image
     (1, C, H, W): SDEdit from it at `strength`; keep_mask (1, 1, H, W), 1 = keep: inpaint it. All noise comes from
-    one CPU generator seeded with `seed`, so the batch size does not change deterministic samples. With
+    one CPU generator seeded with opts.seed, so the batch size does not change deterministic samples. With
     return_trajectory, returns (images, the first batch's trajectory): a list of (t, x_t, x0_pred), as
     GaussianDiffusion.sample gives it.
     """
-    T = diffusion.num_timesteps
-    generator = torch.Generator().manual_seed(seed)
-    # SDEdit starts at t0 = strength x T and runs only the chain's steps below it (none when t0 = 0).
-    t0 = T if init_image is None else round(strength * T)
-    steps = steps if t0 == T else math.ceil(steps * t0 / T)
+    generator = torch.Generator().manual_seed(opts.seed)
+    sampler_options = {name: getattr(opts, name) for name in SAMPLERS[opts.sampler].options}
+    # SDEdit runs only the chain's steps below t0 = strength x T (see GaussianDiffusion.sample).
+    if init_image is None:
+        strength = 1.0  # only image to image has a strength
+    t0 = round(strength * diffusion.num_timesteps)
+    steps_per_batch = math.ceil(opts.steps * t0 / diffusion.num_timesteps)
     num_batches = math.ceil(num_samples / batch_size)
-    progress = tqdm(total=num_batches * steps, desc=f"{sampler}, {steps} steps x {num_batches} batch(es)",
-                    unit="step", dynamic_ncols=True)
+    progress = tqdm(total=num_batches * steps_per_batch, unit="step", dynamic_ncols=True,
+                    desc=f"{opts.sampler}, {steps_per_batch} steps x {num_batches} batch(es)")
 
     def model_with_progress(*args):
         progress.update()  # every sampling step calls the model once (guidance batches both calls into one)
@@ -183,23 +236,15 @@ def generate(model, diffusion, cfg, num_samples, *, sampler, steps, device, batc
     for start in range(0, num_samples, batch_size):
         size = min(batch_size, num_samples - start)
         shape = (size, cfg.channels, cfg.image_size, cfg.image_size)
-        noise = torch.randn(shape, generator=generator).to(device)
-        x_T = noise
-        start_t = None
-        if init_image is not None and t0 < T:
-            # SDEdit: x_{t0} ~ q(x_{t0} | x_0 = input), which is table index t0 - 1; t0 = 0 is the input itself.
-            x0 = init_image.to(device).expand(shape)
-            start_t = t0
-            x_T = x0 if t0 == 0 else diffusion.q_sample(x0, torch.full((size,), t0 - 1, device=device), noise)
+        x_T = torch.randn(shape, generator=generator).to(device)
         y = labels[start:start + size].to(device) if labels is not None else None
         first = start == 0
         with utils.autocast(device, amp_dtype):
             result = diffusion.sample(
-                model_with_progress, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                y=y, guidance_scale=guidance_scale, ddpm_variance=ddpm_variance, dynamic_threshold=dynamic_threshold,
-                x_T=x_T, return_trajectory=return_trajectory and first,
-                start_t=start_t, mask=None if keep_mask is None else keep_mask.to(device),
-                x_known=None if keep_mask is None else init_image.to(device), device=device)
+                model_with_progress, shape, opts.sampler, opts.steps, generator=generator, y=y,
+                guidance_scale=opts.guidance_scale, x_T=x_T, return_trajectory=return_trajectory and first,
+                dynamic_threshold=opts.dynamic_threshold, init_image=init_image, strength=strength, mask=keep_mask,
+                device=device, **sampler_options)
         if return_trajectory and first:
             result, trajectory = result
         images.append(result.float().cpu())

@@ -53,7 +53,7 @@ import visualize
 from config import flag_field
 from dataset import DatasetError, build_dataset, class_names
 from diffusion import create_diffusion, make_beta_schedule
-from model import PretrainedError, export_diffusers
+from pretrained import export_diffusers
 from utils import UsageError
 
 FORMATS = ("grid", "png", "npz")
@@ -67,37 +67,14 @@ FORWARD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1)  # t / T of its noised columns: x_
 
 
 @dataclass
-class SampleOptions:
-    """What to sample and from which model. Every field is a --flag of the same name (see --help)."""
+class SampleOptions(inference.SamplingOptions):
+    """What to sample and from which model: the shared sampling options, then these. Every field is a --flag of the
+    same name (see --help)."""
 
-    run_name: str = flag_field("", f"run to sample from: loads checkpoints/RUN/last.pt (or its newest readable "
-                                   f"step file) and writes under results/*/RUN/ (default {inference.DEFAULT_RUN}; "
-                                   f"with --checkpoint the checkpoint's own run, with --pretrained "
-                                   f"'{inference.PRETRAINED_RUN}')")
-    checkpoint: str = flag_field("", "a checkpoint file to load instead of the run's newest one")
-    pretrained: str = flag_field("", "a diffusers-format DDPM CIFAR-10 folder (or Hub id such as "
-                                     "google/ddpm-cifar10-32) to load instead of a checkpoint")
-    ema: bool = flag_field(True, "use the EMA weights (default); --no-ema uses the raw trained weights")
     export_diffusers: str = flag_field("", "write the loaded model (ddpm-cifar10 architecture only) as a diffusers "
                                            "UNet2DModel folder here, and exit")
-    sampler: str = flag_field("ddim", f"sampler: {', '.join(config.SAMPLERS)} (default ddim)")
-    steps: int = flag_field(0, "sampling steps; 0 = the sampler's default: ddpm all T, ddim 100, dpmpp2m 20")
-    eta: float = flag_field(0.0, "DDIM noise scale in [0, 1]: 0 (default) is deterministic, 1 is DDPM-like")
-    ddpm_variance: str = flag_field("auto", "sigma_t^2 of --sampler ddpm: large (beta_t, DDPM's choice for the full "
-                                            "chain), small (the posterior variance), or auto (default): large for "
-                                            "all T steps, small for fewer (far better there: DDIM Table 1)",
-                                    config.DDPM_VARIANCES)
-    dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
-                                               "0.995 is usual), against saturated colours at high guidance; 0 "
-                                               "(default) clips x_0 to [-1, 1]")
     num_samples: int = flag_field(64, "images to generate (default 64)")
     batch_size: int = flag_field(64, "images per forward pass (default 64); lower it if memory runs out")
-    seed: int = flag_field(0, "random seed; the same seed gives the same images (default 0)")
-    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
-                                  "bf16")
-    device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
-    compile: bool = flag_field(False, "torch.compile the network with inductor's freezing (on CUDA with CUDA graphs "
-                                      "too): 1.3x faster on a CPU, after 15-60 s of compiling")
     class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
                                               "with labels; the samples are split between them (default: all)")
     guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "
@@ -136,8 +113,7 @@ def parse_options(argv=None):
 
 def check_options(opts):
     """Raise UsageError for options that cannot work whatever the model."""
-    inference.check_sampling(opts.sampler, opts.steps, opts.eta, opts.guidance_scale, opts.ddpm_variance,
-                             opts.dynamic_threshold)
+    inference.check_sampling(opts)
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
     for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
@@ -190,7 +166,7 @@ def check_against_model(opts, cfg):
     if cfg.num_classes == 0 and (opts.class_label not in ((), ("all",)) or opts.class_grid):
         raise UsageError("this model was trained without labels (num_classes = 0), so it takes no --class-label "
                          "or --class-grid")
-    return inference.sampling_steps(cfg, opts.sampler, opts.steps, opts.guidance_scale)
+    return inference.sampling_steps(cfg, opts)
 
 
 # --- inputs for image to image -------------------------------------------------------------------------
@@ -374,14 +350,12 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     keep_mask = load_keep_mask(opts.mask, cfg) if opts.mask else None
     print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
           f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
-    sampling = dict(sampler=opts.sampler, steps=opts.steps, device=device, batch_size=opts.batch_size,
-                    seed=opts.seed, eta=opts.eta, guidance_scale=opts.guidance_scale,
-                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold, amp_dtype=amp_dtype,
-                    labels=labels, init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
+    sampling = dict(device=device, batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels,
+                    init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
 
     if opts.gif:
-        images, trajectory = inference.generate(model, diffusion, cfg, opts.num_samples, return_trajectory=True,
-                                            **sampling)
+        images, trajectory = inference.generate(model, diffusion, cfg, opts, opts.num_samples,
+                                                return_trajectory=True, **sampling)
         if not trajectory:
             raise UsageError("--strength 0 leaves no step to animate; use a larger --strength with --gif")
         stem = output_stem("process", opts)
@@ -390,7 +364,7 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         return [gif, visualize.write_strip(trajectory, utils.unique_path(image_dir / f"{stem}_strip.png"),
                                            STRIP_STEPS)]
 
-    images = inference.generate(model, diffusion, cfg, opts.num_samples, **sampling)
+    images = inference.generate(model, diffusion, cfg, opts, opts.num_samples, **sampling)
     kind = "inpaint" if opts.mask else "sdedit" if opts.init_image else "classes" if opts.class_grid else "samples"
     header = None
     if init_image is not None:
@@ -403,8 +377,8 @@ def main(argv=None):
     opts = parse_options(argv)
     try:
         written = run(opts)
-    except (UsageError, utils.CheckpointError, config.ConfigError, DatasetError, PretrainedError) as error:
-        utils.fail(error)
+    except config.UserError as error:
+        config.fail(error)
     print("wrote:")
     for path in written:
         print(f"  {path}" + (f"/ ({sum(1 for _ in path.iterdir())} files)" if path.is_dir() else ""))

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import config
 import utils
-from dataset import DatasetError, build_dataset
+from dataset import build_dataset
 from diffusion import create_diffusion
 from model import create_model
 
@@ -172,7 +172,7 @@ def resolve_config(args, rank):
     run_dir = utils.CHECKPOINT_DIR / cfg.name
     if cfg.resume == "none":
         if (run_dir / "last.pt").exists() or utils.step_checkpoints(run_dir):
-            raise ValueError(f"{run_dir} already holds checkpoints; to start afresh, choose another --run-name or "
+            raise utils.UsageError(f"{run_dir} already holds checkpoints; to start afresh, choose another --run-name or "
                              f"move that folder away (nothing was overwritten)")
         return cfg, None, None
     if cfg.resume == "auto":
@@ -186,7 +186,7 @@ def resolve_config(args, rank):
     saved = config.config_from_dict(state["config"])
     for name in config.ARCHITECTURE_FIELDS:
         if name in overrides and getattr(saved, name) != getattr(cfg, name):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} would change the model of "
+            raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} would change the model of "
                              f"checkpoint {path} (trained with {getattr(saved, name)}); use another --run-name "
                              f"to train a new model")
     changes = {name: value for name, value in overrides.items()
@@ -249,8 +249,8 @@ def main(argv=None):
         if distributed and device.type == "cuda":
             device = torch.device("cuda", local_rank)
         amp_dtype = utils.resolve_amp(cfg.amp, device)
-    except (config.ConfigError, utils.CheckpointError, ValueError) as error:
-        utils.fail(error)
+    except config.UserError as error:
+        config.fail(error)
 
     run = cfg.name
     checkpoint_dir = utils.CHECKPOINT_DIR / run
@@ -271,8 +271,8 @@ def main(argv=None):
     # Flips happen in the loop (see random_flip), so the dataset is built without them.
     try:
         dataset = build_dataset(dataclasses.replace(cfg, random_flip=False), train=True)
-    except DatasetError as error:
-        utils.fail(error)
+    except config.UserError as error:
+        config.fail(error)
     sampler = EpochSampler(len(dataset), cfg.seed, rank, world_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
@@ -281,7 +281,7 @@ def main(argv=None):
                         generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = sampler.per_rank // cfg.batch_size // cfg.grad_accum
     if steps_per_epoch == 0:
-        utils.fail(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
+        config.fail(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
                    f"(batch_size x grad_accum x processes = {cfg.batch_size * cfg.grad_accum * world_size})")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -289,8 +289,8 @@ def main(argv=None):
     model = create_model(cfg).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     diffusion = create_diffusion(cfg)
-    # fused: one kernel per tensor, where the default on a CPU is a Python loop of ~10 ops per tensor
-    # (about 4x faster there, +14-17% img/s for ddpm-cifar10 at batch 8; also the fastest Adam on CUDA).
+    # fused: one kernel per tensor, where the default on a CPU is a Python loop of ~10 ops per tensor (the gain
+    # is in README, Speed notes); also the fastest Adam on CUDA.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -320,7 +320,7 @@ def main(argv=None):
         if is_main:
             print(f"resuming {resume_path} at step {step} (epoch {epoch})")
     if cfg.channels_last:
-        # The EMA too: the per-step lerp between weights in two layouts is 3x slower than within one.
+        # The EMA too: the per-step lerp between weights in two layouts is much slower than within one.
         model = model.to(memory_format=torch.channels_last)
         ema_model = ema_model.to(memory_format=torch.channels_last)
     train_model = model

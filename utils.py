@@ -18,22 +18,15 @@ import torch
 import config
 
 
-CHECKPOINT_DIR = Path("checkpoints")
-RESULTS_DIR = Path("results")
+from config import CHECKPOINT_DIR, RESULTS_DIR, UserError, fail  # noqa: F401 (the scripts use them from here too)
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or written; the message is one sentence for the user."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or written."""
 
 
-class UsageError(Exception):
-    """Options that cannot work together or with this model; the message is one sentence for the user."""
-
-
-def fail(message, code=1):
-    """Print `error: message` to stderr and exit with a non-zero code (for mistakes a user can fix)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+class UsageError(UserError):
+    """Options that cannot work together or with this model."""
 
 
 # --- device and mixed precision ---------------------------------------------------------------------
@@ -43,7 +36,7 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
+        raise UsageError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
@@ -59,9 +52,9 @@ def resolve_amp(amp, device):
     if amp == "none":
         return None
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (fast on CPUs with AMX) or none")
+        raise UsageError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (fast on CPUs with AMX) or none")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bf16; use --amp fp16")
+        raise UsageError("this GPU does not support bf16; use --amp fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
@@ -74,8 +67,6 @@ def resolve_device_and_amp(device_name, amp):
         return device, resolve_amp(amp, device)
     except RuntimeError:  # torch.device("tpu") and the like
         raise UsageError(f"unknown --device {device_name!r}; use auto, cpu or cuda") from None
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
 
 def autocast(device, dtype):

@@ -13,6 +13,7 @@ import torch
 
 from config import get_config
 from conftest import reference_library
+import samplers
 from diffusion import GaussianDiffusion, create_diffusion, dynamic_thresholding, make_beta_schedule
 
 T = 1000
@@ -315,9 +316,9 @@ def test_samplers_follow_the_exact_law_of_their_discrete_chain(schedule, sampler
     k, b, w = exact_chain(sampler, timesteps, schedule, eta, ddpm_variance)
     n = CHAIN_SAMPLES if steps else CHAIN_SAMPLES // 4  # 1000-step chains with fewer samples, to stay quick
     x_T = starting_noise(n=n)
+    options = {"ddpm_variance": ddpm_variance} if sampler == "ddpm" else {}
     samples = diffusion.sample(gaussian_model("eps", schedule), x_T.shape, sampler, steps, eta=eta,
-                               clip_denoised=False, x_T=x_T, generator=torch.Generator().manual_seed(1),
-                               ddpm_variance=ddpm_variance)
+                               clip_denoised=False, x_T=x_T, generator=torch.Generator().manual_seed(1), **options)
     assert samples.dtype == torch.float32 and samples.shape == x_T.shape
     residual = samples.double() - (k * x_T.double() + b)
     if w == 0:
@@ -526,16 +527,22 @@ def test_guidance_scale_0_calls_the_model_once_on_the_null_labels_alone():
 # --- SDEdit, inpainting, trajectories ---------------------------------------------------------------------------
 
 def test_sdedit_with_strength_0_returns_the_input():
-    x_T = starting_noise(n=16)
-    assert torch.equal(make_diffusion().sample(gaussian_model("eps"), x_T.shape, "ddim", 10, x_T=x_T, start_t=0), x_T)
+    image = starting_noise(n=16, seed=4).clamp(-1, 1)
+    samples = make_diffusion().sample(gaussian_model("eps"), image.shape, "ddim", 10, init_image=image, strength=0)
+    assert torch.equal(samples, image)
 
 
-def test_sdedit_starts_at_start_t_and_spreads_the_steps_below_it():
+def test_sdedit_noises_the_input_to_t0_and_spreads_the_remaining_steps_below_it():
+    """strength 0.3 of T = 1000: x_t0 = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) x_T at the paper's t0 = 300 (table
+    index 299), then ceil(33 x 0.3) = 10 steps below it."""
+    image = starting_noise(n=16, seed=4).clamp(-1, 1)
     x_T = starting_noise(n=16)
-    _, trajectory = make_diffusion().sample(gaussian_model("eps"), x_T.shape, "ddim", 10, x_T=x_T, start_t=300,
-                                            return_trajectory=True)
+    _, trajectory = make_diffusion().sample(gaussian_model("eps"), x_T.shape, "ddim", 33, x_T=x_T, init_image=image,
+                                            strength=0.3, return_trajectory=True)
     assert [t for t, _, _ in trajectory] == [299, 269, 239, 209, 179, 149, 119, 89, 59, 29]
-    assert torch.equal(trajectory[0][1], x_T)
+    alpha_bar = alpha_bars("linear")[299]
+    torch.testing.assert_close(trajectory[0][1].double(), alpha_bar.sqrt() * image.double() + (1 - alpha_bar).sqrt() * x_T.double(),
+                               atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
@@ -543,8 +550,8 @@ def test_inpainting_keeps_the_known_pixels_exactly(sampler):
     x_known = torch.rand(4, 3, 8, 8) * 2 - 1
     mask = torch.zeros(4, 1, 8, 8)
     mask[:, :, :, :4] = 1  # keep the left half
-    samples = make_diffusion().sample(gaussian_model("eps"), x_known.shape, sampler, 20, mask=mask, x_known=x_known,
-                                      generator=torch.Generator().manual_seed(0))
+    samples = make_diffusion().sample(gaussian_model("eps"), x_known.shape, sampler, 20, mask=mask,
+                                      init_image=x_known, generator=torch.Generator().manual_seed(0))
     assert torch.equal(samples[:, :, :, :4], x_known[:, :, :, :4])
     assert not torch.allclose(samples[:, :, :, 4:], x_known[:, :, :, 4:])
 
@@ -558,7 +565,7 @@ def test_inpainting_renoises_the_known_pixels_to_each_steps_noise_level(sampler)
     mask = torch.zeros(8, 1, 32, 32)
     mask[..., :16] = 1  # 4096 known pixels
     _, trajectory = make_diffusion().sample(gaussian_model("eps"), x_known.shape, sampler, 20, mask=mask,
-                                            x_known=x_known, generator=torch.Generator().manual_seed(1),
+                                            init_image=x_known, generator=torch.Generator().manual_seed(1),
                                             return_trajectory=True)
     table = alpha_bars("linear")
     for t, x_t, _ in trajectory[1:]:
@@ -628,7 +635,8 @@ def test_ddim_step_matches_diffusers(eta, objective, prediction_type):
     def predict(x_t, t):
         return diffusion.model_predictions(model, x_t, torch.full((512,), t), clip_denoised=True)
 
-    ours = diffusion.ddim_sample(predict, x_T, timesteps, torch.Generator().manual_seed(1), identity_hook, eta=eta)
+    ours = samplers.ddim_sample(diffusion, predict, x_T, timesteps, torch.Generator().manual_seed(1), identity_hook,
+                                eta=eta)
     generator = torch.Generator().manual_seed(1)
     x = x_T
     for t in timesteps:
@@ -672,13 +680,15 @@ def test_create_diffusion_reads_the_config():
     (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpmpp2m"),
     (dict(steps=1001), "steps must be an integer from 1 to 1000"),
     (dict(sampler="ddim", eta=1.5), "eta must be between 0 and 1"),
-    (dict(eta=0.5), "eta only applies to the ddim sampler"),
-    (dict(start_t=100), "start_t needs x_T"),
-    (dict(start_t=0.5), "start_t must be an integer from 0 to 1000"),
+    (dict(eta=0.5), "eta does not apply to the ddpm sampler"),
+    (dict(sampler="ddim", ddpm_variance="small"), "ddpm_variance does not apply to the ddim sampler"),
+    (dict(ddpm_variance="medium"), "ddpm_variance must be one of auto, large, small"),
+    (dict(strength=0.5), "need init_image"),
+    (dict(init_image=torch.zeros(1, 1, 4, 4), strength=1.5), "strength must be in"),
     (dict(skip_type="cosine"), "skip_type must be one of uniform, quadratic"),
     (dict(guidance_scale=3.0), "needs labels y"),
     (dict(y=torch.zeros(2, dtype=torch.long)), "unconditional"),
-    (dict(mask=torch.ones(2, 1, 4, 4)), "needs both mask and x_known"),
+    (dict(mask=torch.ones(2, 1, 4, 4)), "need init_image"),
 ])
 def test_bad_sampling_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
-"""evaluate.py: the Frechet distance against its closed form, zero distance between identical image sets, the whole
-pipeline from a checkpoint to results/metrics.csv, and one sentence for bad input or a machine without network.
+"""evaluate.py: the Frechet distance against its closed form, zero distance between identical image sets, the
+Inception Score and KID against counts by hand, the whole pipeline from a checkpoint to results/metrics.csv (with
+classifier-free guidance too), and one sentence for bad input or a machine without network.
 
 Nothing is downloaded. A tiny feature extractor (a fixed random conv net) stands in for Inception and 200 images of
 the built-in shapes stand in for CIFAR-10; both are registered with torch-fidelity's own API, as a user would
@@ -8,6 +9,7 @@ with a tiny hand-made checkpoint `uncond` (16x16, T = 20).
 """
 
 import csv
+import inspect
 import json
 import urllib.error
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+import diffusion
 import evaluate
 import inference
 import utils
@@ -47,6 +50,9 @@ class TinyFeatures(torch_fidelity.FeatureExtractorBase):
         with torch.no_grad():
             for parameter in self.parameters():
                 parameter.normal_(0, 0.5, generator=generator)
+            # Confident logits: the shapes then score an IS of 2.0 rather than 1.06, far from the floor of 1 that
+            # near-uniform p(y|x) give whatever the splits, so a wrong split or softmax changes the score visibly.
+            self.head.weight.mul_(10)
 
     @staticmethod
     def get_provided_features_list():
@@ -74,6 +80,28 @@ def reference_images():
     """The stand-in for CIFAR-10: 200 shapes, uint8 (200, 16, 16, 3)."""
     images, _ = make_shapes(200, image_size=16, seed=5)
     return images.permute(0, 2, 3, 1).numpy()
+
+
+def inception_score_by_hand(images, splits=10):
+    """(mean, std) over `splits` splits of the Inception Score of uint8 images (N, H, W, 3), with TinyFeatures'
+    logits standing in for Inception's: for each split, IS = exp(mean_x KL(p(y|x) || p(y))), where p(y|x) is the
+    softmax of an image's logits and p(y) the mean of p(y|x) over the split.
+
+    torch-fidelity's conventions (metric_isc.py), which a score from one split or unshuffled splits would break:
+    the images are shuffled by np.random.RandomState(2020).permutation before being cut into 10 consecutive splits,
+    and the std is numpy's population std (ddof 0) of the 10 scores."""
+    with torch.no_grad():
+        logits = TinyFeatures(EXTRACTOR, ["logits"])(torch.from_numpy(images).permute(0, 3, 1, 2))[0]
+    logits = logits.double().numpy()
+    logits = logits[np.random.RandomState(2020).permutation(len(logits))]
+    p_y_given_x = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p_y_given_x /= p_y_given_x.sum(axis=1, keepdims=True)  # (N, 10)
+    scores = []
+    for split in np.split(p_y_given_x, splits):  # N is a multiple of 10 in these tests: equal splits
+        p_y = split.mean(axis=0, keepdims=True)  # (1, 10)
+        kl = (split * (np.log(split) - np.log(p_y))).sum(axis=1)  # KL(p(y|x) || p(y)) of each image
+        scores.append(np.exp(kl.mean()))
+    return np.mean(scores), np.std(scores)
 
 
 torch_fidelity.register_feature_extractor(EXTRACTOR, TinyFeatures)
@@ -193,6 +221,10 @@ def test_samples_equal_to_the_reference_score_zero_and_noise_scores_worse():
         assert same["kid"] == pytest.approx(kid_of_itself, rel=1e-3)
     assert noise_scores["fid"] > 1 and noise_scores["kid"] > 10 * abs(kid_of_itself)
     assert scores["reference.npz"]["num_samples"] == 200 and scores["reference.npz"]["kid_subset_size"] == 200
+    # The Inception Score, by hand: 10 splits of 20 images, the same from the npz and from the PNG files.
+    isc, isc_std = inception_score_by_hand(reference_images())
+    for same in scores.values():
+        assert same["isc"] == pytest.approx(isc, rel=1e-6) and same["isc_std"] == pytest.approx(isc_std, rel=1e-5)
 
 
 def test_a_checkpoint_is_sampled_scored_and_logged(capsys):
@@ -207,15 +239,20 @@ def test_a_checkpoint_is_sampled_scored_and_logged(capsys):
     path = Path("checkpoints/uncond/last.pt")
     model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
     model = inference.prepare_for_sampling(model, torch.device("cpu"))
-    expected = inference.generate(model, create_diffusion(cfg), cfg, 40, sampler="ddim", steps=4,
-                              device=torch.device("cpu"), batch_size=16, seed=0)
+    opts = inference.SamplingOptions(sampler="ddim", steps=4, seed=0)
+    expected = inference.generate(model, create_diffusion(cfg), cfg, opts, 40, device=torch.device("cpu"),
+                                  batch_size=16)
     np.testing.assert_array_equal(images, utils.to_uint8(expected))
 
     record, rows, header = results("uncond")
     assert header == list(evaluate.CSV_COLUMNS)
     assert {key: record[key] for key in ("run", "step", "sampler", "steps", "guidance", "num_samples")} == \
         {"run": "uncond", "step": 7, "sampler": "ddim", "steps": 4, "guidance": 1.0, "num_samples": 40}
-    assert record["fid"] > 0 and 1 <= record["isc"] <= 10 and record["kid_subset_size"] == 40  # 10 logits
+    assert record["fid"] > 0 and record["kid_subset_size"] == 40
+    # The Inception Score and its std over 10 splits of 4 images, by hand from the same samples' logits.
+    isc, isc_std = inception_score_by_hand(images)
+    assert record["isc"] == pytest.approx(isc, rel=1e-6)
+    assert record["isc_std"] == pytest.approx(isc_std, rel=1e-5)
     assert record["samples"] == str(npz) and record["reference"] == REFERENCE and record["seconds"] > 0
     assert len(rows) == 1
     for key in ("fid", "isc", "kid", "seconds"):
@@ -236,6 +273,59 @@ def test_compile_and_amp_reach_prepare_for_sampling(monkeypatch):
     flags = ["--run-name", "uncond", "--num-samples", 10, "--steps", 2, "--metrics", "fid", *FAST_METRICS]
     assert run_evaluate(*flags, "--amp", "bf16", "--compile") == 0
     assert seen == [(torch.bfloat16, True)]
+
+
+def test_guidance_samples_every_class_equally_and_reaches_the_sampler(monkeypatch):
+    # A model trained with 4 labels, sampled at w = 3 and then w = 1 with the same seed. 12 images in batches of 5
+    # (not a multiple of 4): labels that restarted at 0 in every batch would show.
+    tiny_checkpoint("cond", num_classes=4, step=3)
+    seen = []  # (labels y, guidance scale w) of every call of the sampler
+    sample = diffusion.GaussianDiffusion.sample
+
+    def recording_sample(self, *args, **kwargs):
+        arguments = inspect.signature(sample).bind(self, *args, **kwargs).arguments
+        labels = arguments.get("y")
+        seen.append((None if labels is None else labels.clone(), arguments.get("guidance_scale", 1.0)))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "sample", recording_sample)
+    flags = ["--run-name", "cond", "--num-samples", 12, "--steps", 2, "--batch-size", 5, "--metrics", "isc",
+             *FAST_METRICS]
+    every_class = torch.arange(12) % 4  # 0, 1, 2, 3, 0, 1, ...: each class 3 times, as evaluate.py promises
+
+    images = {}
+    for scale in (3, 1):
+        seen.clear()
+        assert run_evaluate(*flags, "--guidance-scale", scale) == 0
+        assert [w for _, w in seen] == [scale] * 3  # three batches, all guided at the scale asked for
+        assert all(labels is not None for labels, _ in seen)
+        labels = torch.cat([labels for labels, _ in seen])
+        assert torch.equal(labels, every_class) and torch.bincount(labels).tolist() == [3, 3, 3, 3]
+        record, _, _ = results("cond")  # replaced by each evaluation: read it before the next
+        assert record["guidance"] == scale and record["run"] == "cond" and record["step"] == 3
+        npz = Path("results/images/cond/eval_ddim_2steps_12" + ("_w3" if scale == 3 else "") + ".npz")
+        assert record["samples"] == str(npz)
+        with np.load(npz) as data:
+            images[scale] = data["arr_0"]
+
+    # The CSV keeps both evaluations, each with its own guidance.
+    _, rows, _ = results("cond")
+    assert [float(row["guidance"]) for row in rows] == [3.0, 1.0]
+    # The guided samples are the EMA model's own DDIM chain at w = 3 with those labels, from seed 0's noise drawn
+    # batch after batch from one generator (as inference.generate draws it); and guidance changes them.
+    path = Path("checkpoints/cond/last.pt")
+    model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
+    model = inference.prepare_for_sampling(model, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    expected = []
+    for start in (0, 5, 10):
+        shape = (min(5, 12 - start), 3, 16, 16)
+        x_T = torch.randn(shape, generator=generator)
+        with torch.no_grad():
+            expected.append(sample(create_diffusion(cfg), model, shape, "ddim", 2, generator=generator,
+                                   y=every_class[start:start + 5], guidance_scale=3, x_T=x_T))
+    np.testing.assert_array_equal(images[3], utils.to_uint8(torch.cat(expected)))
+    assert np.mean(images[3] != images[1]) > 0.5  # most pixels move under guidance (93% here); a few by chance not
 
 
 # --- without network: one sentence saying what to download --------------------------------------------------

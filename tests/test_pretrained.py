@@ -1,4 +1,4 @@
-"""Tests of the diffusers conversion in model.py against diffusers' own UNet2DModel (a dev-only requirement)."""
+"""Tests of the diffusers conversion in pretrained.py against diffusers' own UNet2DModel (a dev-only requirement)."""
 
 import json
 import sys
@@ -13,8 +13,9 @@ from diffusers import UNet2DModel  # noqa: E402
 from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 
 from config import get_config  # noqa: E402
-from model import (DIFFUSERS_DDPM_CIFAR10_CONFIG, PretrainedError, TimestepEmbedding, create_model,  # noqa: E402
-                   export_diffusers, load_pretrained)
+from model import TimestepEmbedding, create_model  # noqa: E402
+from pretrained import (DIFFUSERS_DDPM_CIFAR10_CONFIG, PretrainedError, export_diffusers,  # noqa: E402
+                        load_pretrained)
 
 DIFFUSERS_KWARGS = {key: value for key, value in DIFFUSERS_DDPM_CIFAR10_CONFIG.items() if not key.startswith("_")}
 

@@ -7,6 +7,7 @@ working directory) with two tiny hand-made checkpoints: `uncond` and `cond` (4 s
 
 import copy
 import csv
+import dataclasses
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -22,6 +23,7 @@ import inference
 import utils
 from conftest import tiny_checkpoint
 from diffusion import create_diffusion, make_beta_schedule
+from samplers import SAMPLERS
 
 FAST = ["--num-samples", "4", "--steps", "4"]
 
@@ -70,9 +72,14 @@ def options(**changes):
 
 
 def generate(model, diffusion, cfg, **changes):
-    """inference.generate, as sample.py calls it, with FAST's settings: 4 images, 4 DDIM steps, on the CPU."""
-    settings = dict(num_samples=4, batch_size=4, steps=4, sampler="ddim", device=torch.device("cpu"))
-    return inference.generate(model, diffusion, cfg, **{**settings, **changes})
+    """inference.generate, as sample.py calls it, with FAST's settings: 4 images, 4 DDIM steps, on the CPU.
+    `changes` are SamplingOptions fields (sampler, seed, guidance_scale, ...) or generate's own arguments."""
+    option_names = {field.name for field in dataclasses.fields(inference.SamplingOptions)}
+    opts = inference.SamplingOptions(**{"sampler": "ddim", "steps": 4,
+                                        **{k: v for k, v in changes.items() if k in option_names}})
+    settings = {"num_samples": 4, "batch_size": 4, "device": torch.device("cpu"),
+                **{k: v for k, v in changes.items() if k not in option_names}}
+    return inference.generate(model, diffusion, cfg, opts, settings.pop("num_samples"), **settings)
 
 
 def write_picture(path, pixels):
@@ -87,7 +94,7 @@ def random_picture(path, seed):
 
 # --- samplers, formats and the checkpoint ----------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler", config.SAMPLERS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_gives_finite_varied_images_and_npz_holds_them(sampler):
     model, diffusion, cfg = loaded("uncond")
     images = generate(model, diffusion, cfg, sampler=sampler)
@@ -104,11 +111,11 @@ def test_every_sampler_gives_finite_varied_images_and_npz_holds_them(sampler):
 def test_default_steps_follow_the_sampler_and_are_capped_at_T():
     _, _, cfg = loaded("uncond")
     steps = {sampler: sample.check_against_model(options(sampler=sampler, steps=0), cfg)
-             for sampler in config.SAMPLERS}
+             for sampler in SAMPLERS}
     assert steps == {"ddpm": 20, "ddim": 20, "dpmpp2m": 20}  # T = 20 caps ddim's 100
     cfg_long = config.get_config("demo", timesteps=1000)
     steps = {sampler: sample.check_against_model(options(sampler=sampler, steps=0), cfg_long)
-             for sampler in config.SAMPLERS}
+             for sampler in SAMPLERS}
     assert steps == {"ddpm": 1000, "ddim": 100, "dpmpp2m": 20}
 
 
@@ -394,8 +401,6 @@ BAD_INPUTS = {
                                             "with `python train.py --preset demo`"),
     "missing checkpoint": (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
     "corrupt checkpoint": (["--checkpoint", "corrupt.pt"], "checkpoint corrupt.pt cannot be read"),
-    "unknown sampler": (["--run-name", "uncond", "--sampler", "euler"], "unknown sampler 'euler'; choose one of "
-                                                                        "ddpm, ddim, dpmpp2m"),
     "too many steps": (["--run-name", "uncond", "--steps", "21"], "--steps 21 is more than the model's 20 "
                                                                   "timesteps"),
     "zero samples": (["--run-name", "uncond", "--num-samples", "0"], "--num-samples must be at least 1, got 0"),
@@ -425,6 +430,14 @@ BAD_INPUTS = {
                                      "only applies to --sampler ddpm"),
     "dynamic threshold of 1": (["--run-name", "uncond", "--dynamic-threshold", "1"], "--dynamic-threshold must be"),
 }
+
+
+def test_an_unknown_sampler_is_refused_with_the_registered_choices(capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.parse_options(["--sampler", "euler"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: the usage, then one sentence
+    assert "argument --sampler: invalid choice: 'euler'" in err and all(name in err for name in SAMPLERS)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
