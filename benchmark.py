@@ -30,6 +30,7 @@ peak' divides the FLOP rate by that of a large matmul in the same dtype, measure
 
 import copy
 import ctypes
+import itertools
 import os
 import platform
 import re
@@ -45,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import inference
-import train
+import training
 import utils
 from config import flag_field
 from diffusion import create_diffusion
@@ -58,19 +59,16 @@ MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # n of the (n x n) @ (n x n) matmul t
 
 
 @dataclass
-class BenchmarkOptions:
-    """What to measure and how. Every field is a --flag of the same name (see --help)."""
+class BenchmarkOptions(inference.DeviceOptions):
+    """What to measure and how: --amp, --device and --compile as sample.py has them (compile applies to our model's
+    training step and sampling call alike; the first calls then include compiling), then these. Every field is a
+    --flag of the same name (see --help)."""
 
     preset: str = flag_field("ddpm-cifar10", f"model preset: {', '.join(config.PRESETS)} (default ddpm-cifar10, the "
                                              f"DDPM paper's model: it has reference numbers and a diffusers twin)")
     batch_size: int = flag_field(8, "images per training step and per sampling call (default 8)")
-    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
-                                  "bf16")
-    device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
     channels_last: bool = flag_field(False, "train our model in channels-last memory format, as train.py "
                                             "--channels-last (sampling always uses it, as sample.py does)")
-    compile: bool = flag_field(False, "our model through torch.compile, as train.py --compile and sample.py "
-                                      "--compile do (the first calls then include compiling)")
     compare: str = flag_field("none", "none (default), or diffusers: also run diffusers' UNet2DModel as its training "
                                       "example does, in turns with ours")
     warmup: int = flag_field(2, "untimed training steps and sampling calls before the timed ones (default 2)")
@@ -204,35 +202,24 @@ def random_batch(cfg, batch_size, device, channels_last, seed):
 
 
 def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=False, compile=False, seed=0):
-    """Our U-Net, trained as train.py trains it and sampled as sample.py samples it."""
+    """Our U-Net, trained by train.py's own step (training.train_step) and sampled as sample.py samples it."""
     torch.manual_seed(seed)
-    model = create_model(cfg).to(device)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    sample_forward = inference.prepare_for_sampling(copy.deepcopy(model).eval(), device, amp_dtype, compile)
-    if channels_last:  # as train.py
-        model = model.to(memory_format=torch.channels_last)
-        ema_model = ema_model.to(memory_format=torch.channels_last)
+    state = training.TrainingState(cfg, device, amp_dtype, total_steps=cfg.max_steps or 1)
+    sample_forward = inference.prepare_for_sampling(copy.deepcopy(state.model).eval(), device, amp_dtype, compile)
+    state.prepare(device, channels_last, compile=compile)
     diffusion = create_diffusion(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 fused=True)  # as train.py
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_forward = torch.compile(model) if compile else model
     images, _ = random_batch(cfg, batch_size, device, channels_last, seed)
     _, x_T = random_batch(cfg, batch_size, device, False, seed)  # inference.generate's noise is NCHW
+    batches = itertools.repeat((images, None))  # the same batch every step: no data loading is timed
 
     def train_step():
-        # train.py's loop body at grad_accum 1, without data loading, logging and the learning-rate schedule
-        with utils.autocast(device, amp_dtype):
-            loss = diffusion.training_loss(train_forward, images)
-        scaler.scale(loss).backward()
-        train.apply_gradients(model, optimizer, scaler, loss.detach(), cfg.grad_clip)
-        utils.update_ema(ema_model, model, cfg.ema_decay)
+        training.train_step(state, diffusion, batches, 1, cfg.grad_clip, cfg.ema_decay, device, amp_dtype)
 
     def sample_call():
         with utils.autocast(device, amp_dtype):
             diffusion.sample(sample_forward, x_T.shape, sampler="ddim", steps=sample_steps, x_T=x_T)
 
-    return Contender("ours", model, sum(p.numel() for p in model.parameters()), train_step, sample_call)
+    return Contender("ours", state.model, sum(p.numel() for p in state.model.parameters()), train_step, sample_call)
 
 
 def build_diffusers(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=False, compile=False, seed=0):

@@ -322,7 +322,9 @@ def test_two_micro_batches_equal_one_double_batch(monkeypatch):
     state_b = weights("b")["optimizer"]["state"]
     assert len(state_a) == len(state_b) > 0
     for slot_a, slot_b in zip(state_a.values(), state_b.values()):
-        assert torch.allclose(slot_a["exp_avg"], slot_b["exp_avg"], rtol=1e-4, atol=1e-9)
+        # float32 sums in another order: 1e-5 of the largest entry absolute (8e-9 of 2e-3 seen), 1e-4 relative
+        scale = slot_b["exp_avg"].abs().max()
+        assert torch.allclose(slot_a["exp_avg"], slot_b["exp_avg"], rtol=1e-4, atol=1e-5 * scale)
     # and the step really saw 16 images: not the same as a single micro-batch of 8
     assert run_train("--run-name", "c", "--max-steps", "1", "--batch-size", "8", "--grad-accum", "1") == 0
     state_c = weights("c")["optimizer"]["state"]

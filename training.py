@@ -1,0 +1,319 @@
+"""The pieces of a training run that train.py, benchmark.py and any later training script share.
+
+    state = TrainingState(cfg, device, amp_dtype, total_steps)   # model, EMA, optimizer, LR schedule, scaler, counters
+    state.restore(checkpoint, rank, world_size)                  # from a checkpoint TrainingState.checkpoint wrote
+    loss = train_step(state, diffusion, batches, cfg, ...)        # one optimizer step: forward, backward, clip, Adam, EMA
+    state.save(run_dir, f"step_{state.step:07d}.pt", rng_states)  # atomically, as last.pt too
+
+The checkpoint format lives in TrainingState alone: what it holds is written by `checkpoint` and read by `restore`
+(sampling reads its "ema", "model", "config" and "step" entries). A new field is one edit there. Everything else
+here is a piece of the loop: the data order that a resume can continue, the learning rate and EMA schedules, the
+gradient step, signals, and the distributed setup.
+
+Imports config, model and utils; no script.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Sampler
+
+import config
+import utils
+from model import create_model
+
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "lr_scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+                   "bad_steps", "config", "rng")
+
+
+class TrainingState:
+    """Everything a run carries from step to step and saves in its checkpoints: the model, its EMA, the optimizer,
+    the learning-rate schedule, the fp16 gradient scaler, and where the run is (step, epoch, batch_in_epoch,
+    bad_steps). `model` is the plain module; `train_model` is what the loop calls (DDP- or compile-wrapped)."""
+
+    def __init__(self, cfg, device, amp_dtype, total_steps):
+        self.cfg = cfg
+        self.model = create_model(cfg).to(device)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # fused: one kernel per tensor, where the default on a CPU is a Python loop of ~10 ops per tensor (the gain
+        # is in README, Speed notes); also the fastest Adam on CUDA.
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          fused=True)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg, total_steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.bad_steps = 0
+        self.train_model = self.model
+        self.ddp_model = None
+
+    def restore(self, checkpoint, rank=0, world_size=1):
+        """Continue from a checkpoint that `checkpoint` wrote. Returns a notice for the user, or None: a checkpoint
+        written by another number of processes re-seeds the random draws instead of restoring them."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.ema_model.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["fused"] = True  # the checkpoint's param_groups replace ours, and may say fused=None
+        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.epoch = checkpoint["epoch"]
+        self.batch_in_epoch = checkpoint["batch_in_epoch"]
+        self.bad_steps = checkpoint.get("bad_steps", 0)
+        rng_states = checkpoint["rng"]
+        if len(rng_states) == world_size:
+            utils.set_rng_state(rng_states[rank])
+            return None
+        return (f"the checkpoint was written by {len(rng_states)} process(es), this run has {world_size}; random "
+                f"draws are re-seeded, so the run will not repeat exactly")
+
+    def prepare(self, device, channels_last=False, distributed=False, local_rank=0, compile=False):
+        """Set the layout and the wrappers the loop trains through (DDP, torch.compile)."""
+        if channels_last:
+            # The EMA too: the per-step lerp between weights in two layouts is much slower than within one.
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.ema_model = self.ema_model.to(memory_format=torch.channels_last)
+        self.train_model = self.model
+        if distributed:
+            self.ddp_model = DistributedDataParallel(self.model,
+                                                     device_ids=[local_rank] if device.type == "cuda" else None)
+            self.train_model = self.ddp_model
+        if compile:
+            self.train_model = torch.compile(self.train_model)
+        return self
+
+    def checkpoint(self, rng_states):
+        """The checkpoint: a dict of tensors and plain values (loadable with weights_only=True) with
+        CHECKPOINT_KEYS; rng_states holds utils.get_rng_state() of every process."""
+        state = {
+            "model": self.model.state_dict(), "ema": self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "bad_steps": self.bad_steps,
+            "config": config.config_to_dict(self.cfg), "rng": rng_states,
+        }
+        assert tuple(state) == CHECKPOINT_KEYS
+        return state
+
+    def save(self, run_dir, name, rng_states, keep=3):
+        """Write the checkpoint to run_dir/name and run_dir/last.pt (atomically), and keep only the newest `keep`
+        step files. Returns the path; raises utils.CheckpointError when the disk refuses."""
+        state = self.checkpoint(rng_states)
+        path = Path(run_dir) / name
+        utils.save_checkpoint(state, path)
+        utils.save_checkpoint(state, Path(run_dir) / "last.pt")
+        utils.prune_checkpoints(run_dir, keep)
+        return path
+
+
+def train_step(state, diffusion, micro_batches, grad_accum, grad_clip, ema_decay, device, amp_dtype,
+               distributed=False):
+    """One optimizer step of `state` over grad_accum micro-batches (an iterator of (images, labels or None) on
+    `device`): autocast forward of the diffusion loss, backward (DDP syncs the gradients on the last micro-batch
+    only), then apply_gradients, the LR schedule and the EMA update. Returns (loss, gradient norm, finite); the loss
+    is averaged over the processes, so every process takes the same decisions."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        images, labels = next(micro_batches)
+        skip_sync = distributed and micro < grad_accum - 1
+        with state.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
+            with utils.autocast(device, amp_dtype):
+                loss = diffusion.training_loss(state.train_model, images, labels) / grad_accum
+            state.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if distributed:
+        dist.all_reduce(loss_sum)
+        loss_sum /= dist.get_world_size()
+    grad_norm, finite = apply_gradients(state.model, state.optimizer, state.scaler, loss_sum, grad_clip)
+    state.bad_steps = 0 if finite else state.bad_steps + 1
+    state.step += 1
+    state.lr_scheduler.step()
+    utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, ema_decay))
+    return loss_sum, grad_norm, finite
+
+
+# --- pieces of the loop ---------------------------------------------------------------------------------
+
+class EpochSampler(Sampler):
+    """Shuffles the dataset once per epoch from (seed, epoch) alone, and shards it across processes.
+
+    Like DistributedSampler with set_epoch, but it can also skip the part of an epoch a resumed run has
+    already seen, without loading those images, so a resumed run sees exactly the data it would have seen.
+    """
+
+    def __init__(self, dataset_size, seed, rank=0, world_size=1):
+        self.per_rank = dataset_size // world_size  # drop the tail so every rank gets the same count
+        self.dataset_size = dataset_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """Iterate over epoch `epoch`, leaving out its first `skip` indices on this rank."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=generator)
+        order = order[self.rank: self.per_rank * self.world_size: self.world_size]
+        return iter(order[self.skip:].tolist())
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+
+def lr_factor(step, cfg, total_steps):
+    """Learning-rate multiplier for the optimizer step after `step` steps: linear warmup that reaches the peak at
+    step `warmup_steps`, then cosine annealing to 0 at `total_steps`, or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def ema_decay_at(step, decay):
+    """EMA decay after `step` optimizer steps: min(decay, (1 + step) / (10 + step)).
+
+    The warmup keeps the average from being dominated by the random initial weights in short runs;
+    past a few thousand steps it is `decay` itself.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
+def apply_gradients(model, optimizer, scaler, loss, grad_clip):
+    """Unscale the gradients, clip their global norm, and take the optimizer step unless something is non-finite;
+    then clear the gradients. Returns (gradient norm before clipping, whether the step was good); the norm and the
+    loss come from the device in one transfer.
+
+    With fp16, overflowing gradients are the GradScaler's business: it skips that update itself and lowers the scale,
+    so only a non-finite loss makes a bad step then.
+    """
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    loss_value, grad_norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+    finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm_value))
+    if finite or scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm_value, finite
+
+
+def random_flip(images):
+    """Flip each image horizontally with probability 1/2, using torch's global RNG.
+
+    Flipping here rather than in the dataset keeps every random draw of a step in RNG states that checkpoints
+    save, which is what makes a resumed run identical to an uninterrupted one.
+    """
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag the loop checks after each step, so it can save and exit."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        # A second Ctrl-C interrupts at once, in case the step itself hangs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        """Put back the handlers that were installed before."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, distributed, device):
+        """Whether any process got a signal (all processes must agree, or the next collective hangs)."""
+        stop = self.signal_name is not None
+        if distributed:
+            flag = torch.tensor([int(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 0, 1
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_nccl = torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    return rank, local_rank, dist.get_world_size()
+
+
+def resolve_run(preset, overrides, rank=0):
+    """The run's config and the checkpoint to resume from: (cfg, checkpoint_path, checkpoint_state), for a preset
+    and the config fields a user set (`overrides`).
+
+    When resuming, the architecture and the diffusion come from the checkpoint (config.ARCHITECTURE_FIELDS): flags
+    that would change them are refused, and training-only flags (say a larger --max-steps) are applied with a notice.
+    """
+    cfg = config.get_config(preset, **overrides)
+    run_dir = utils.CHECKPOINT_DIR / cfg.name
+    if cfg.resume == "none":
+        if (run_dir / "last.pt").exists() or utils.step_checkpoints(run_dir):
+            raise utils.UsageError(f"{run_dir} already holds checkpoints; to start afresh, choose another --run-name or "
+                             f"move that folder away (nothing was overwritten)")
+        return cfg, None, None
+    if cfg.resume == "auto":
+        path, state = utils.load_latest_checkpoint(run_dir)
+        if path is None:
+            return cfg, None, None
+    else:
+        path = Path(cfg.resume)
+        state = utils.load_checkpoint(path)
+
+    saved = config.config_from_dict(state["config"])
+    for name in config.ARCHITECTURE_FIELDS:
+        if name in overrides and getattr(saved, name) != getattr(cfg, name):
+            raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} would change the model of "
+                             f"checkpoint {path} (trained with {getattr(saved, name)}); use another --run-name "
+                             f"to train a new model")
+    changes = {name: value for name, value in overrides.items()
+               if name != "resume" and getattr(saved, name) != value}
+    resumed = dataclasses.replace(saved, **changes, resume=cfg.resume)
+    if changes and rank == 0:
+        print(f"notice: resuming {path} with changed settings: "
+              + ", ".join(f"{name}={value!r}" for name, value in changes.items()))
+    return resumed, path, state
+
+
+def infinite_batches(loader, sampler, batches_per_epoch, epoch, batch_in_epoch):
+    """Yield (epoch, batches seen in that epoch, images, labels) forever, from a position saved mid-epoch.
+
+    An epoch is `batches_per_epoch` micro-batches; the images left over at its end are not used.
+    """
+    while True:
+        if batch_in_epoch < batches_per_epoch:
+            sampler.set_epoch(epoch, skip=batch_in_epoch * loader.batch_size)
+            for images, labels in loader:
+                batch_in_epoch += 1
+                yield epoch, batch_in_epoch, images, labels
+                if batch_in_epoch == batches_per_epoch:
+                    break
+        epoch += 1
+        batch_in_epoch = 0
