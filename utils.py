@@ -40,6 +40,17 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def cpu_has_fast_bf16():
+    """Whether this CPU does bf16 matrix work in hardware (Intel AMX or AVX-512 BF16, read from /proc/cpuinfo);
+    elsewhere oneDNN emulates bf16, many times slower than float32. False where the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def resolve_amp(amp, device):
     """The autocast dtype for an `amp` setting on `device`, or None for full fp32.
 
@@ -55,6 +66,9 @@ def resolve_amp(amp, device):
         raise UsageError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 (fast on CPUs with AMX) or none")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU does not support bf16; use --amp fp16")
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        print("warning: this CPU has neither AMX nor AVX-512 BF16, so bf16 runs emulated, many times slower than "
+              "float32; pass --amp none", file=sys.stderr)
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 

@@ -4,9 +4,11 @@ Every run here is a tiny U-Net on 16x16 `shapes` images, trained for a handful o
 folder (train.py writes checkpoints/ and results/ relative to the working directory).
 """
 
+import hashlib
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +19,12 @@ import torch
 import diffusion
 import train
 import utils
-from conftest import TINY
+from conftest import TINY, tiny_checkpoint
+from dataset import ShapesDataset
+from model import UNet
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 def as_flags(overrides):
     """{"channel_mults": (1, 2)} -> ["--channel-mults", "1", "2"]"""
@@ -53,13 +58,26 @@ def weights(run, name="last.pt"):
 
 
 def assert_same_state(a, b):
-    """Bit-for-bit equality of model, EMA and optimizer state."""
+    """Bit-for-bit equality of model, EMA and optimizer state, and of the LR schedule's position.
+
+    The entries are compared as sets first: walking one side's keys alone would pass when the other side has
+    more (or when the first has none at all).
+    """
+    assert a["step"] == b["step"]
     for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys(), f"{key} entries differ"
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    for slot_a, slot_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in slot_a:
-            assert torch.equal(slot_a[name], slot_b[name])
+    state_a = a["optimizer"]["state"]
+    state_b = b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) > 0, "optimizer state slots differ"
+    for index in state_a:
+        assert state_a[index].keys() == state_b[index].keys(), f"optimizer slot {index} holds other names"
+        for name in state_a[index]:
+            assert torch.equal(state_a[index][name], state_b[index][name]), f"optimizer.{index}.{name} differs"
+    # the learning rate of the next step, and where the schedule stands
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["lr_scheduler"] == b["lr_scheduler"]
 
 
 def stop_at_loss_call(monkeypatch, call_index, signum=signal.SIGTERM):
@@ -76,11 +94,61 @@ def stop_at_loss_call(monkeypatch, call_index, signum=signal.SIGTERM):
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", wrapped)
 
 
+def record_training_loss(monkeypatch):
+    """Record every training_loss call: its images x0 and labels y, and (first call only) the model's weights.
+
+    Returns the list the calls are appended to. Its length is the number of micro-batches the run took, and the
+    first call's weights are the ones the run started from.
+    """
+    original = diffusion.GaussianDiffusion.training_loss
+    calls = []
+
+    def wrapped(self, model, x0, y=None, **kwargs):
+        weights_now = None
+        if not calls:
+            weights_now = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        calls.append({"x0": x0.detach().clone(), "y": None if y is None else y.clone(), "weights": weights_now})
+        return original(self, model, x0, y, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", wrapped)
+    return calls
+
+
+def assert_weights_equal(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+
+
+def content_seeded_training_loss(original):
+    """training_loss with each image's timestep and noise drawn from a generator seeded by a hash of its pixels.
+
+    Training then draws the same t and noise for an image whatever batch, micro-batch or process it lands in,
+    so runs that split the same images differently can be compared.
+    """
+    def training_loss(self, model, x0, y=None, **kwargs):
+        t = torch.empty(x0.shape[0], dtype=torch.long)
+        noise = torch.empty(x0.shape)
+        for i, image in enumerate(x0.detach().float().cpu()):
+            digest = hashlib.sha256(image.contiguous().numpy().tobytes()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            t[i] = torch.randint(0, self.num_timesteps, (), generator=generator)
+            noise[i] = torch.randn(image.shape, generator=generator)
+        return original(self, model, x0, y, t=t.to(x0.device), noise=noise.to(x0.device))
+
+    return training_loss
+
+
 # --- resume -----------------------------------------------------------------------------------------
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsys):
+@pytest.mark.parametrize("precision_flags", [
+    pytest.param(["--amp", "none", "--num-workers", "0"], id="fp32"),
+    # what real runs use: bf16 autocast (the demo preset's default) and persistent DataLoader workers
+    pytest.param(["--amp", "bf16", "--num-workers", "2"], id="bf16-workers"),
+])
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsys, precision_flags):
     # Flips and dropout on, so every kind of random draw of a step is exercised.
-    flags = ["--max-steps", "7", "--save-every", "100", "--random-flip", "--dropout", "0.1"]
+    flags = [*precision_flags, "--max-steps", "7", "--save-every", "100", "--random-flip", "--dropout", "0.1"]
     assert run_train("--run-name", "straight", *flags) == 0
 
     with monkeypatch.context() as patch:
@@ -91,8 +159,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsy
     interrupted = weights("split")
     assert interrupted["step"] == 4
 
-    assert run_train("--run-name", "split", *flags) == 0  # --resume auto picks up last.pt
-    assert "resuming" in capsys.readouterr().out
+    with monkeypatch.context() as patch:
+        calls = record_training_loss(patch)
+        assert run_train("--run-name", "split", *flags) == 0  # --resume auto picks up last.pt
+    assert "resuming checkpoints/split/last.pt at step 4" in capsys.readouterr().out
+    # A run that ignored the checkpoint and started again with the same seed would also end equal to the
+    # straight run; it would take all 7 steps, though, from freshly initialised weights.
+    assert len(calls) == 3
+    assert_weights_equal(calls[0]["weights"], interrupted["model"])
     resumed = weights("split")
     assert resumed["step"] == 7
     assert_same_state(weights("straight"), resumed)
@@ -134,14 +208,42 @@ def test_resume_across_epochs_with_accumulation(monkeypatch):
     make_image_folder("images", 20)
     flags = ["--dataset", "folder", "--data-dir", "images", "--batch-size", "4", "--max-steps", "7",
              "--grad-accum", "2", "--save-every", "100", "--random-flip"]
-    assert run_train("--run-name", "straight", *flags) == 0
+    with monkeypatch.context() as patch:
+        straight_calls = record_training_loss(patch)
+        assert run_train("--run-name", "straight", *flags) == 0
     with monkeypatch.context() as patch:
         stop_at_loss_call(patch, 7, signal.SIGINT)  # first micro-batch of step 4
         assert run_train("--run-name", "split", *flags) == 0
     interrupted = weights("split")
     assert (interrupted["step"], interrupted["epoch"], interrupted["batch_in_epoch"]) == (4, 1, 4)
-    assert run_train("--run-name", "split", *flags) == 0
+    with monkeypatch.context() as patch:
+        calls = record_training_loss(patch)
+        assert run_train("--run-name", "split", *flags) == 0
+    # Steps 5-7 only, from the checkpoint's weights, fed the very micro-batches (flips included) that the
+    # straight run fed in steps 5-7: the data resumes mid-epoch, not at the epoch's start.
+    assert len(calls) == 6
+    assert_weights_equal(calls[0]["weights"], interrupted["model"])
+    for call, straight_call in zip(calls, straight_calls[8:], strict=True):
+        assert torch.equal(call["x0"], straight_call["x0"])
     assert_same_state(weights("straight"), weights("split"))
+
+
+def test_epochs_decide_the_number_of_steps(monkeypatch):
+    # 22 images in micro-batches of 4, two per step: 5 whole micro-batches an epoch make 2 steps (the fifth
+    # micro-batch and 2 images are left over), so 3 epochs are 6 steps of 2 micro-batches. Counting whole
+    # micro-batches (5) or images rounded up (22 / 8 -> 3) per epoch would give 15 or 9 steps.
+    make_image_folder("images", 22)
+    calls = record_training_loss(monkeypatch)
+    assert run_train("--run-name", "r", "--dataset", "folder", "--data-dir", "images", "--batch-size", "4",
+                     "--grad-accum", "2", "--max-steps", "0", "--epochs", "3") == 0
+    state = weights("r")
+    assert state["step"] == 6 and len(calls) == 12
+    assert (state["epoch"], state["batch_in_epoch"]) == (2, 4)
+    assert utils.read_metrics(Path("results/logs/r/metrics.csv"))["epoch"] == [0, 0, 1, 1, 2, 2]
+    # Within an epoch no image comes twice.
+    for epoch in range(3):
+        images = torch.cat([call["x0"] for call in calls[4 * epoch: 4 * epoch + 4]])
+        assert len({image.numpy().tobytes() for image in images}) == 16
 
 
 def test_epoch_sampler_skips_exactly_what_was_seen():
@@ -180,6 +282,37 @@ def test_resume_refuses_architecture_change_and_applies_training_change(capsys):
     assert weights("r")["step"] == 3
 
 
+@pytest.mark.parametrize("flag, value", [("--timesteps", "30"), ("--beta-schedule", "cosine"),
+                                         ("--objective", "eps")])
+def test_resume_refuses_a_changed_diffusion(flag, value, capsys):
+    # The checkpoint was trained with T = 20, the linear schedule and v-prediction (the demo preset): the same
+    # weights under another T, schedule or target would be a different, untrained model.
+    path = tiny_checkpoint("r")
+    before = path.read_bytes()
+    assert run_train("--run-name", "r", flag, value) == 1
+    assert f"{flag} {value} would change the model" in capsys.readouterr().err
+    assert path.read_bytes() == before and list(path.parent.iterdir()) == [path]
+    assert not Path("results").exists()  # refused before anything was written
+
+
+def test_resume_from_a_named_checkpoint_file(monkeypatch, capsys):
+    flags = ["--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "5"]
+    assert run_train("--run-name", "a", *flags) == 0
+    run_a = {path: path.read_bytes() for path in Path("checkpoints/a").iterdir()}
+    source = Path("checkpoints/a/step_0000001.pt")
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        calls = record_training_loss(patch)
+        assert run_train("--run-name", "b", "--resume", str(source), *flags) == 0
+    assert f"resuming {source} at step 1" in capsys.readouterr().out
+    # Run b continued from a's step 1 (not from a's last.pt, nor from scratch), so it retraced a's steps 2 and 3.
+    assert len(calls) == 2
+    assert_weights_equal(calls[0]["weights"], utils.load_checkpoint(source)["model"])
+    assert_same_state(weights("a"), weights("b"))
+    assert utils.read_metrics(Path("results/logs/b/metrics.csv"))["step"] == [2, 3]
+    assert {path: path.read_bytes() for path in Path("checkpoints/a").iterdir()} == run_a  # a left alone
+
+
 def test_resume_none_never_overwrites_a_run(capsys):
     assert run_train("--run-name", "r", "--max-steps", "2") == 0
     before = Path("checkpoints/r/last.pt").read_bytes()
@@ -215,6 +348,40 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(monkeyp
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(utils.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
         utils.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_atomic_save_fsyncs_the_file_then_renames_then_fsyncs_the_folder(monkeypatch):
+    # Without the first fsync a power cut can leave the renamed file empty; without the last one, the rename
+    # itself can be lost. Each fsync is logged with the inode it syncs and the file's size at that moment.
+    events = []
+    real_fsync = os.fsync
+    real_replace = os.replace
+
+    def logged_fsync(fd):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            events.append(("fsync folder", info.st_ino))
+        else:
+            events.append(("fsync file", info.st_ino, info.st_size))
+        real_fsync(fd)
+
+    def logged_replace(source, destination):
+        events.append(("replace", Path(source), Path(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    path = Path("ckpt/last.pt")
+    utils.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    assert len(events) == 3
+    fsync_file, replace, fsync_folder = events
+    # the temporary file, which the rename makes `path` (same inode), with all its bytes already written
+    assert fsync_file == ("fsync file", path.stat().st_ino, path.stat().st_size)
+    temporary, destination = replace[1:]
+    assert destination == path and temporary.parent == path.parent and temporary != path
+    assert not temporary.exists()
+    assert fsync_folder == ("fsync folder", path.parent.stat().st_ino)
     assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
@@ -332,10 +499,41 @@ def test_two_micro_batches_equal_one_double_batch(monkeypatch):
                    for slot_a, slot_c in zip(state_a.values(), state_c.values()))
 
 
-def test_bf16_autocast_on_cpu_gives_finite_loss():
+def test_bf16_autocast_on_cpu_computes_in_bf16_and_gives_finite_loss(monkeypatch):
+    # A finite loss alone would pass if --amp bf16 were ignored: look at what the convolutions put out.
+    original = diffusion.GaussianDiffusion.training_loss
+    conv_dtypes = []
+    loss_dtypes = []
+
+    def record_dtype(module, inputs, output):
+        conv_dtypes.append(output.dtype)
+
+    def hooked(self, model, *args, **kwargs):
+        hooks = [module.register_forward_hook(record_dtype) for module in model.modules()
+                 if isinstance(module, torch.nn.Conv2d)]
+        try:
+            loss = original(self, model, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        loss_dtypes.append(loss.dtype)
+        return loss
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", hooked)
     assert run_train("--run-name", "r", "--max-steps", "3", "--amp", "bf16") == 0
+    assert len(conv_dtypes) > 3 and set(conv_dtypes) == {torch.bfloat16}
+    assert loss_dtypes == [torch.float32] * 3  # the loss itself is reduced in float32
     loss = utils.read_metrics(Path("results/logs/r/metrics.csv"))["loss"]
-    assert all(math.isfinite(value) for value in loss)
+    assert len(loss) == 3 and all(math.isfinite(value) for value in loss)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_warns_to_use_fp32(monkeypatch, capsys, fast):
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: fast)
+    assert utils.resolve_amp("bf16", torch.device("cpu")) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert ("neither AMX nor AVX-512 BF16" in err and "--amp none" in err) != fast
+    assert utils.resolve_amp("none", torch.device("cpu")) is None and not capsys.readouterr().err
 
 
 def test_fp16_on_cpu_is_refused_with_a_sentence(capsys):
@@ -368,6 +566,45 @@ def test_non_finite_loss_skips_the_step_and_too_many_stop_the_run(monkeypatch, c
     assert run_train("--run-name", "r", "--max-steps", "10", "--max-bad-steps", "2") == 1
     assert "non-finite losses in a row" in capsys.readouterr().err
     assert Path("checkpoints/r/last.pt").read_bytes() == before
+
+
+def test_conditional_run_feeds_labels_drops_them_and_previews_every_class(monkeypatch):
+    model_labels = {True: [], False: []}  # by module.training: the model in training, the EMA model in previews
+    real_forward = UNet.forward
+
+    def record_labels(self, x, t, y=None):
+        model_labels[self.training].append(y)
+        return real_forward(self, x, t, y)
+
+    sampled_labels = []
+    real_sample = diffusion.GaussianDiffusion.sample
+
+    def record_sample(self, model, shape, *args, **kwargs):
+        sampled_labels.append(kwargs.get("y"))
+        return real_sample(self, model, shape, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", record_labels)
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "sample", record_sample)
+    calls = record_training_loss(monkeypatch)
+    assert run_train("--run-name", "r", "--num-classes", "4", "--cond-drop-prob", "0.5", "--batch-size", "32",
+                     "--max-steps", "4", "--sample-every", "4") == 0
+
+    # The loader's labels are those of the images it served, in the sampler's order.
+    shapes = ShapesDataset(train=True, image_size=16)
+    first_indices = list(train.EpochSampler(len(shapes), seed=0))[:128]
+    loader_labels = torch.cat([call["y"] for call in calls])
+    assert torch.equal(loader_labels, shapes.labels[first_indices].long())
+    # The network gets them, each replaced by the null label 4 with probability 0.5: of 128 draws, the share
+    # dropped lies in [0.3, 0.7] but for a chance of about 1e-5 (4.5 standard deviations).
+    trained_labels = torch.cat(model_labels[True])
+    kept = trained_labels != 4
+    assert torch.equal(trained_labels[kept], loader_labels[kept])
+    assert 0.3 <= (~kept).float().mean().item() <= 0.7
+    # One preview, at step 4: a 6x6 grid with the classes in turn, every model call conditioned on them.
+    preview_labels = torch.arange(36) % 4
+    assert len(sampled_labels) == 1 and torch.equal(sampled_labels[0], preview_labels)
+    assert model_labels[False] and all(torch.equal(y, preview_labels) for y in model_labels[False])
+    assert Path("results/images/r/step_0000004.png").exists()
 
 
 # --- outputs and processes --------------------------------------------------------------------------
