@@ -30,6 +30,7 @@ peak' divides the FLOP rate by that of a large matmul in the same dtype, measure
 
 import copy
 import ctypes
+import dataclasses
 import itertools
 import os
 import platform
@@ -204,6 +205,7 @@ def random_batch(cfg, batch_size, device, channels_last, seed):
 def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=False, compile=False, seed=0):
     """Our U-Net, trained by train.py's own step (training.train_step) and sampled as sample.py samples it."""
     torch.manual_seed(seed)
+    cfg = dataclasses.replace(cfg, grad_accum=1)  # one batch per step, as --batch-size says
     state = training.TrainingState(cfg, device, amp_dtype, total_steps=cfg.max_steps or 1)
     sample_forward = inference.prepare_for_sampling(copy.deepcopy(state.model).eval(), device, amp_dtype, compile)
     state.prepare(device, channels_last, compile=compile)
@@ -213,7 +215,7 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
     batches = itertools.repeat((images, None))  # the same batch every step: no data loading is timed
 
     def train_step():
-        training.train_step(state, diffusion, batches, 1, cfg.grad_clip, cfg.ema_decay, device, amp_dtype)
+        training.train_step(state, diffusion, batches, device, amp_dtype)
 
     def sample_call():
         with utils.autocast(device, amp_dtype):

@@ -330,11 +330,17 @@ class GaussianDiffusion:
             return self.model_predictions(model, x_t, t_batch, y, guidance_scale, clip_denoised, dynamic_threshold)
         return predict
 
+    def sdedit_steps(self, steps, strength):
+        """SDEdit's t0 = round(strength x T) (the paper's step; table index t0 - 1) and the number of the chain's
+        `steps` that fall below it, ceil(steps x t0 / T): (t0, steps below t0)."""
+        t0 = round(strength * self.num_timesteps)
+        return t0, math.ceil(steps * t0 / self.num_timesteps)
+
     def sdedit_start(self, init_image, strength, noise):
         """SDEdit (Meng et al. 2022): the input image noised to t0 = round(strength x T) by q(x_t0 | x_0), with
         `noise` as its eps, and t0. strength 0 is the image itself (t0 = 0), 1 ignores it (the noise itself, t0 = T).
         t0 is the paper's step, table index t0 - 1."""
-        t0 = round(strength * self.num_timesteps)
+        t0, _ = self.sdedit_steps(1, strength)
         if t0 == 0:
             return init_image.expand(noise.shape).clone(), 0
         if t0 == self.num_timesteps:  # x_T itself: alpha_bar_T is small but not 0, and strength 1 ignores the input
@@ -383,6 +389,9 @@ class GaussianDiffusion:
         step in sampling order, t the timestep fed to the model, x_t the state before the step, both on the CPU.
         """
         _check(sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+        removed = sorted(set(sampler_options) & {"start_t", "x_known", "progress"})
+        _check(not removed, f"{', '.join(removed)} is no longer an argument of sample(): SDEdit and inpainting take "
+                            f"init_image, strength and mask (see README, Layout)")
         options = dict(sampler_options, **({"eta": eta} if eta != 0 else {}))
         unknown = sorted(set(options) - set(SAMPLERS[sampler].options))
         _check(not unknown, f"{', '.join(unknown)} does not apply to the {sampler} sampler")
@@ -409,7 +418,7 @@ class GaussianDiffusion:
             x_T, top = self.sdedit_start(init_image, strength, x_T)
             if top == 0:  # strength 0: nothing to denoise
                 return (x_T, []) if return_trajectory else x_T
-        steps = top if steps is None else math.ceil(steps * top / self.num_timesteps)
+        steps = top if steps is None else self.sdedit_steps(steps, top / self.num_timesteps)[1]
         timesteps = self.sampling_timesteps(steps, top, skip_type)
 
         # After every step: the trajectory, and for inpainting the known pixels put back.

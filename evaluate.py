@@ -182,8 +182,12 @@ def save_samples(images, settings):
     """Write uint8 images (N, H, W, 3) to results/images/RUN/eval_*.npz as arr_0 (what sample.py --format npz
     writes), with the settings that made them, so that --samples scores them again; returns the path."""
     stem = f"eval_{settings['sampler']}_{settings['steps']}steps_{len(images)}"
+    if settings.get("ddpm_variance", "auto") != "auto":
+        stem += f"_{settings['ddpm_variance']}"
     if settings["guidance"] != 1:
         stem += f"_w{settings['guidance']:g}"
+    if settings.get("dynamic_threshold"):
+        stem += f"_dt{settings['dynamic_threshold']:g}"
     path = utils.unique_path(utils.RESULTS_DIR / "images" / settings["run"] / f"{stem}.npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, arr_0=images, settings=json.dumps(settings))

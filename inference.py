@@ -221,8 +221,7 @@ def generate(model, diffusion, cfg, opts, num_samples, *, device, batch_size=64,
     # SDEdit runs only the chain's steps below t0 = strength x T (see GaussianDiffusion.sample).
     if init_image is None:
         strength = 1.0  # only image to image has a strength
-    t0 = round(strength * diffusion.num_timesteps)
-    steps_per_batch = math.ceil(opts.steps * t0 / diffusion.num_timesteps)
+    _, steps_per_batch = diffusion.sdedit_steps(opts.steps, strength)  # all of them at strength 1
     num_batches = math.ceil(num_samples / batch_size)
     progress = tqdm(total=num_batches * steps_per_batch, unit="step", dynamic_ncols=True,
                     desc=f"{opts.sampler}, {steps_per_batch} steps x {num_batches} batch(es)")

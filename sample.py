@@ -22,7 +22,9 @@ strength 0 returns the input, 1 starts from pure noise and ignores it. Only the 
 (strength x steps of them). With --mask (a black-and-white image), WHITE pixels are repainted and BLACK pixels
 are kept from the input: after every step the kept pixels are reset to the input noised to that step's level.
 
-Outputs, never overwriting earlier ones (an existing name gets _1, _2, ...); RUN is --run-name:
+Outputs, never overwriting earlier ones (an existing name gets _1, _2, ...); RUN is --run-name. A name carries what
+differs from the defaults: _large or _small (--ddpm-variance), _w3 (--guidance-scale 3), _dt0.995
+(--dynamic-threshold 0.995), _strength0.6 (image to image):
     results/images/RUN/samples_ddim_100steps.png      --format grid: one PNG grid (classes_*, sdedit_*, inpaint_*
                                                       for --class-grid, --init-image and --mask; the first row of
                                                       an image-to-image grid shows the input and the mask)
@@ -77,8 +79,6 @@ class SampleOptions(inference.SamplingOptions):
     batch_size: int = flag_field(64, "images per forward pass (default 64); lower it if memory runs out")
     class_label: tuple = flag_field(("all",), "class names (e.g. cat) or indices to generate, for models trained "
                                               "with labels; the samples are split between them (default: all)")
-    guidance_scale: float = flag_field(1.0, "classifier-free guidance scale w >= 0: 1 (default) = plain "
-                                            "conditional, 0 = unconditional, 2-5 = more typical of the class")
     class_grid: bool = flag_field(False, "one row per class (all, or those of --class-label), "
                                          "num-samples / classes images per row")
     init_image: str = flag_field("", "SDEdit image to image: start from this picture, noised to --strength")

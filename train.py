@@ -209,8 +209,7 @@ def train_loop(state, diffusion, batches, log, cfg, total_steps, device, amp_dty
     state.train_model.train()
     try:
         while state.step < total_steps:
-            loss, grad_norm, finite = train_step(state, diffusion, batches, cfg.grad_accum, cfg.grad_clip,
-                                                 cfg.ema_decay, device, amp_dtype, distributed)
+            loss, grad_norm, finite = train_step(state, diffusion, batches, device, amp_dtype, distributed)
             if not finite and log.is_main:
                 print(f"\nwarning: non-finite loss at step {state.step}, step skipped ({state.bad_steps} in a row)",
                       file=sys.stderr)
@@ -257,7 +256,10 @@ def main(argv=None):
     # -- state: model, EMA, optimizer, LR schedule, scaler; restored from the checkpoint --
     state = TrainingState(cfg, device, amp_dtype, total_steps)
     if checkpoint is not None:
-        notice = state.restore(checkpoint, rank, world_size)
+        try:
+            notice = state.restore(checkpoint, rank, world_size)
+        except config.UserError as error:
+            config.fail(error)
         if is_main:
             if notice:
                 print(f"notice: {notice}")

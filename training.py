@@ -2,7 +2,8 @@
 
     state = TrainingState(cfg, device, amp_dtype, total_steps)   # model, EMA, optimizer, LR schedule, scaler, counters
     state.restore(checkpoint, rank, world_size)                  # from a checkpoint TrainingState.checkpoint wrote
-    loss = train_step(state, diffusion, batches, cfg, ...)        # one optimizer step: forward, backward, clip, Adam, EMA
+    loss, grad_norm, finite = train_step(state, diffusion, batches, device, amp_dtype)   # forward, backward, clip,
+                                                                                        # Adam, LR schedule, EMA
     state.save(run_dir, f"step_{state.step:07d}.pt", rng_states)  # atomically, as last.pt too
 
 The checkpoint format lives in TrainingState alone: what it holds is written by `checkpoint` and read by `restore`
@@ -59,7 +60,12 @@ class TrainingState:
 
     def restore(self, checkpoint, rank=0, world_size=1):
         """Continue from a checkpoint that `checkpoint` wrote. Returns a notice for the user, or None: a checkpoint
-        written by another number of processes re-seeds the random draws instead of restoring them."""
+        written by another number of processes re-seeds the random draws instead of restoring them. A checkpoint
+        without the training state (say one with weights only) raises utils.CheckpointError."""
+        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint and key != "bad_steps"]  # older files
+        if missing:
+            raise utils.CheckpointError(f"the checkpoint holds no {', '.join(missing)}, so training cannot continue "
+                                        f"from it (it can still be sampled from); start a new --run-name instead")
         self.model.load_state_dict(checkpoint["model"])
         self.ema_model.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -117,12 +123,13 @@ class TrainingState:
         return path
 
 
-def train_step(state, diffusion, micro_batches, grad_accum, grad_clip, ema_decay, device, amp_dtype,
-               distributed=False):
-    """One optimizer step of `state` over grad_accum micro-batches (an iterator of (images, labels or None) on
-    `device`): autocast forward of the diffusion loss, backward (DDP syncs the gradients on the last micro-batch
+def train_step(state, diffusion, micro_batches, device, amp_dtype, distributed=False):
+    """One optimizer step of `state` over cfg.grad_accum micro-batches (an iterator of (images, labels or None) on
+    `device`; cfg is state.cfg): autocast forward of the diffusion loss, backward (DDP syncs the gradients on the last micro-batch
     only), then apply_gradients, the LR schedule and the EMA update. Returns (loss, gradient norm, finite); the loss
     is averaged over the processes, so every process takes the same decisions."""
+    cfg = state.cfg
+    grad_accum = cfg.grad_accum
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         images, labels = next(micro_batches)
@@ -135,11 +142,11 @@ def train_step(state, diffusion, micro_batches, grad_accum, grad_clip, ema_decay
     if distributed:
         dist.all_reduce(loss_sum)
         loss_sum /= dist.get_world_size()
-    grad_norm, finite = apply_gradients(state.model, state.optimizer, state.scaler, loss_sum, grad_clip)
+    grad_norm, finite = apply_gradients(state.model, state.optimizer, state.scaler, loss_sum, cfg.grad_clip)
     state.bad_steps = 0 if finite else state.bad_steps + 1
     state.step += 1
     state.lr_scheduler.step()
-    utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, ema_decay))
+    utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, cfg.ema_decay))
     return loss_sum, grad_norm, finite
 
 

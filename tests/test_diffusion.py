@@ -351,15 +351,18 @@ def zero_eps_model(x_t, t):
 @pytest.mark.parametrize("steps,ddpm_variance,expected", [
     (None, "auto", "large"), (None, "large", "large"), (None, "small", "small"),
     (50, "auto", "small"), (50, "large", "large"), (50, "small", "small")])
-def test_ddpm_variance_setting_uses_exactly_the_sigma_it_names(steps, ddpm_variance, expected):
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_ddpm_variance_setting_uses_exactly_the_sigma_it_names(steps, ddpm_variance, expected, strength):
     """With eps = 0 a DDPM step is x_prev = x_t / sqrt(alpha_t) + sigma_t z, so each step's sigma_t can be read off
     the trajectory, given the sampler's one z per step from the generator. auto = large for the full chain, small
-    for a respaced one."""
+    for a respaced one; an SDEdit chain (strength 0.5) that visits every step below t0 is a full chain too."""
     diffusion = make_diffusion()
     x_T = starting_noise(n=64)
+    image = {} if strength == 1 else {"init_image": torch.zeros(1, 1, 1, 1), "strength": strength}
     samples, trajectory = diffusion.sample(zero_eps_model, x_T.shape, "ddpm", steps, clip_denoised=False, x_T=x_T,
                                            generator=torch.Generator().manual_seed(3), ddpm_variance=ddpm_variance,
-                                           return_trajectory=True)
+                                           return_trajectory=True, **image)
+    assert len(trajectory) == (steps or T) * strength
     generator = torch.Generator().manual_seed(3)
     table = alpha_bars("linear")
     states = [x_t for _, x_t, _ in trajectory] + [samples]
@@ -684,6 +687,7 @@ def test_create_diffusion_reads_the_config():
     (dict(sampler="ddim", ddpm_variance="small"), "ddpm_variance does not apply to the ddim sampler"),
     (dict(ddpm_variance="medium"), "ddpm_variance must be one of auto, large, small"),
     (dict(strength=0.5), "need init_image"),
+    (dict(start_t=100), "start_t is no longer an argument of sample"),
     (dict(init_image=torch.zeros(1, 1, 4, 4), strength=1.5), "strength must be in"),
     (dict(skip_type="cosine"), "skip_type must be one of uniform, quadratic"),
     (dict(guidance_scale=3.0), "needs labels y"),

@@ -275,6 +275,24 @@ def test_compile_and_amp_reach_prepare_for_sampling(monkeypatch):
     assert seen == [(torch.bfloat16, True)]
 
 
+def test_ddpm_variance_and_dynamic_threshold_reach_the_sampler_and_name_the_samples(monkeypatch):
+    seen = []
+    original = diffusion.GaussianDiffusion.sample
+
+    def recording(self, *args, **kwargs):
+        seen.append((kwargs["ddpm_variance"], kwargs["dynamic_threshold"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "sample", recording)
+    flags = ["--run-name", "uncond", "--num-samples", 10, "--sampler", "ddpm", "--steps", 2, "--metrics", "fid",
+             *FAST_METRICS]
+    assert run_evaluate(*flags, "--ddpm-variance", "large", "--dynamic-threshold", "0.99") == 0
+    assert seen == [("large", 0.99)]
+    record, _, _ = results("uncond")
+    assert record["ddpm_variance"] == "large" and record["dynamic_threshold"] == 0.99
+    assert Path(record["samples"]).name == "eval_ddpm_2steps_10_large_dt0.99.npz"
+
+
 def test_guidance_samples_every_class_equally_and_reaches_the_sampler(monkeypatch):
     # A model trained with 4 labels, sampled at w = 3 and then w = 1 with the same seed. 12 images in batches of 5
     # (not a multiple of 4): labels that restarted at 0 in every batch would show.
