@@ -22,12 +22,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import config
-import training
 import utils
 from dataset import build_dataset
 from diffusion import create_diffusion
-from training import (EpochSampler, StopRequest, TrainingState, apply_gradients, ema_decay_at,  # noqa: F401
-                      infinite_batches, lr_factor, random_flip, resolve_run, setup_distributed, train_step)
+from training import (EpochSampler, StopRequest, TrainingState, infinite_batches, random_flip, resolve_run,
+                      setup_distributed, train_step)
 
 PREVIEW_SAMPLES = 36  # images in the 6x6 sample grid logged during training
 PREVIEW_STEPS = 25    # DDIM steps for that grid: cheap, and good enough to watch progress

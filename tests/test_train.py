@@ -18,6 +18,7 @@ import torch
 
 import diffusion
 import train
+import training
 import utils
 from conftest import TINY, tiny_checkpoint
 from dataset import ShapesDataset
@@ -141,38 +142,40 @@ def content_seeded_training_loss(original):
 
 # --- resume -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision_flags", [
-    pytest.param(["--amp", "none", "--num-workers", "0"], id="fp32"),
-    # what real runs use: bf16 autocast (the demo preset's default) and persistent DataLoader workers
-    pytest.param(["--amp", "bf16", "--num-workers", "2"], id="bf16-workers"),
+@pytest.mark.parametrize("precision_flags, steps, stop_call", [
+    pytest.param(["--amp", "none", "--num-workers", "0"], 7, 4, id="fp32"),
+    # What real runs use: bf16 autocast (the demo preset's default) and persistent DataLoader workers. bf16 is
+    # several times slower than fp32 on CPUs without AMX, hence fewer steps.
+    pytest.param(["--amp", "bf16", "--num-workers", "2"], 4, 2, id="bf16-workers"),
 ])
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsys, precision_flags):
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(monkeypatch, capsys, precision_flags, steps,
+                                                              stop_call):
     # Flips and dropout on, so every kind of random draw of a step is exercised.
-    flags = [*precision_flags, "--max-steps", "7", "--save-every", "100", "--random-flip", "--dropout", "0.1"]
+    flags = [*precision_flags, "--max-steps", str(steps), "--save-every", "100", "--random-flip", "--dropout", "0.1"]
     assert run_train("--run-name", "straight", *flags) == 0
 
     with monkeypatch.context() as patch:
-        stop_at_loss_call(patch, 4)  # SIGTERM during step 4: the step finishes, then the run saves and exits
+        # a signal during step `stop_call`: the step finishes, then the run saves and exits
+        stop_at_loss_call(patch, stop_call)
         assert run_train("--run-name", "split", *flags) == 0
     out = capsys.readouterr().out
     assert "SIGTERM: saved" in out
     interrupted = weights("split")
-    assert interrupted["step"] == 4
+    assert interrupted["step"] == stop_call
 
     with monkeypatch.context() as patch:
         calls = record_training_loss(patch)
         assert run_train("--run-name", "split", *flags) == 0  # --resume auto picks up last.pt
-    assert "resuming checkpoints/split/last.pt at step 4" in capsys.readouterr().out
+    assert f"resuming checkpoints/split/last.pt at step {stop_call}" in capsys.readouterr().out
     # A run that ignored the checkpoint and started again with the same seed would also end equal to the
-    # straight run; it would take all 7 steps, though, from freshly initialised weights.
-    assert len(calls) == 3
+    # straight run; but it would take every step, from freshly initialised weights.
+    assert len(calls) == steps - stop_call
     assert_weights_equal(calls[0]["weights"], interrupted["model"])
     resumed = weights("split")
-    assert resumed["step"] == 7
+    assert resumed["step"] == steps
     assert_same_state(weights("straight"), resumed)
-    # The metrics file reads as one run: steps 1..7 once each.
-    steps = utils.read_metrics(Path("results/logs/split/metrics.csv"))["step"]
-    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    # The metrics file reads as one run: each step once.
+    assert utils.read_metrics(Path("results/logs/split/metrics.csv"))["step"] == list(range(1, steps + 1))
 
 
 def test_channels_last_trains_the_same_model_in_the_other_layout():
@@ -204,7 +207,8 @@ def make_image_folder(root, count):
 
 def test_resume_across_epochs_with_accumulation(monkeypatch):
     # 20 images in micro-batches of 4 with grad_accum 2: 2 steps per epoch (the last 4 images are dropped),
-    # so 7 steps cross three epoch boundaries; the stop falls inside an accumulation and mid-epoch.
+    # so 7 steps cross three epoch boundaries. The signal comes inside an accumulation, and the run stops
+    # mid-epoch: at an epoch's end the resumed run would start the next epoch and skip nothing.
     make_image_folder("images", 20)
     flags = ["--dataset", "folder", "--data-dir", "images", "--batch-size", "4", "--max-steps", "7",
              "--grad-accum", "2", "--save-every", "100", "--random-flip"]
@@ -212,18 +216,18 @@ def test_resume_across_epochs_with_accumulation(monkeypatch):
         straight_calls = record_training_loss(patch)
         assert run_train("--run-name", "straight", *flags) == 0
     with monkeypatch.context() as patch:
-        stop_at_loss_call(patch, 7, signal.SIGINT)  # first micro-batch of step 4
+        stop_at_loss_call(patch, 5, signal.SIGINT)  # first micro-batch of step 3, the first step of epoch 1
         assert run_train("--run-name", "split", *flags) == 0
     interrupted = weights("split")
-    assert (interrupted["step"], interrupted["epoch"], interrupted["batch_in_epoch"]) == (4, 1, 4)
+    assert (interrupted["step"], interrupted["epoch"], interrupted["batch_in_epoch"]) == (3, 1, 2)
     with monkeypatch.context() as patch:
         calls = record_training_loss(patch)
         assert run_train("--run-name", "split", *flags) == 0
-    # Steps 5-7 only, from the checkpoint's weights, fed the very micro-batches (flips included) that the
-    # straight run fed in steps 5-7: the data resumes mid-epoch, not at the epoch's start.
-    assert len(calls) == 6
+    # Steps 4-7 only, from the checkpoint's weights, fed the very micro-batches (flips included) that the
+    # straight run fed in steps 4-7: the data resumes mid-epoch, not at the epoch's start.
+    assert len(calls) == 8
     assert_weights_equal(calls[0]["weights"], interrupted["model"])
-    for call, straight_call in zip(calls, straight_calls[8:], strict=True):
+    for call, straight_call in zip(calls, straight_calls[6:], strict=True):
         assert torch.equal(call["x0"], straight_call["x0"])
     assert_same_state(weights("straight"), weights("split"))
 
@@ -247,7 +251,7 @@ def test_epochs_decide_the_number_of_steps(monkeypatch):
 
 
 def test_epoch_sampler_skips_exactly_what_was_seen():
-    sampler = train.EpochSampler(100, seed=3, rank=0, world_size=1)
+    sampler = training.EpochSampler(100, seed=3, rank=0, world_size=1)
     sampler.set_epoch(2)
     full = list(sampler)
     sampler.set_epoch(2, skip=40)
@@ -256,7 +260,7 @@ def test_epoch_sampler_skips_exactly_what_was_seen():
     sampler.set_epoch(3)
     assert list(sampler) != full
     # Two ranks split one epoch into disjoint halves of equal size.
-    halves = [train.EpochSampler(101, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
+    halves = [training.EpochSampler(101, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
     for half in halves:
         half.set_epoch(2)
     first, second = (list(half) for half in halves)
@@ -427,14 +431,14 @@ def test_checkpoint_contents_and_pruning():
 def test_lr_schedule_warmup_cosine_and_constant():
     import config
     cfg = config.get_config("demo", warmup_steps=100, lr_schedule="cosine")
-    assert train.lr_factor(0, cfg, 1100) == pytest.approx(0.01)  # the first step already learns
-    assert train.lr_factor(49, cfg, 1100) == pytest.approx(0.5)
-    assert train.lr_factor(99, cfg, 1100) == pytest.approx(1.0)  # end of warmup: the peak
-    assert train.lr_factor(100, cfg, 1100) == pytest.approx(1.0)
-    assert train.lr_factor(600, cfg, 1100) == pytest.approx(0.5)  # halfway through the cosine
-    assert train.lr_factor(1100, cfg, 1100) == pytest.approx(0.0, abs=1e-12)  # end: zero
+    assert training.lr_factor(0, cfg, 1100) == pytest.approx(0.01)  # the first step already learns
+    assert training.lr_factor(49, cfg, 1100) == pytest.approx(0.5)
+    assert training.lr_factor(99, cfg, 1100) == pytest.approx(1.0)  # end of warmup: the peak
+    assert training.lr_factor(100, cfg, 1100) == pytest.approx(1.0)
+    assert training.lr_factor(600, cfg, 1100) == pytest.approx(0.5)  # halfway through the cosine
+    assert training.lr_factor(1100, cfg, 1100) == pytest.approx(0.0, abs=1e-12)  # end: zero
     constant = config.get_config("demo", warmup_steps=100, lr_schedule="constant")
-    assert train.lr_factor(1000, constant, 1100) == 1.0
+    assert training.lr_factor(1000, constant, 1100) == 1.0
 
 
 def test_logged_lr_follows_the_schedule():
@@ -453,8 +457,8 @@ def test_ema_update_is_the_documented_average():
     utils.update_ema(ema, model, decay=0.9)
     for old, new, theta in zip(before, ema.parameters(), model.parameters()):
         assert torch.allclose(new, 0.9 * old + 0.1 * theta.detach())
-    assert train.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
-    assert train.ema_decay_at(10**7, 0.9999) == 0.9999
+    assert training.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert training.ema_decay_at(10**7, 0.9999) == 0.9999
 
 
 def test_ema_weights_are_updated_after_every_step_and_saved():
@@ -462,7 +466,7 @@ def test_ema_weights_are_updated_after_every_step_and_saved():
                      "--keep-checkpoints", "5") == 0
     step2 = weights("r", "step_0000002.pt")
     step3 = weights("r", "step_0000003.pt")
-    decay = train.ema_decay_at(3, 0.5)  # min(0.5, 4/13)
+    decay = training.ema_decay_at(3, 0.5)  # min(0.5, 4/13)
     for name, theta in step3["model"].items():
         expected = decay * step2["ema"][name] + (1 - decay) * theta
         assert torch.allclose(step3["ema"][name], expected, atol=1e-7), name
@@ -591,7 +595,7 @@ def test_conditional_run_feeds_labels_drops_them_and_previews_every_class(monkey
 
     # The loader's labels are those of the images it served, in the sampler's order.
     shapes = ShapesDataset(train=True, image_size=16)
-    first_indices = list(train.EpochSampler(len(shapes), seed=0))[:128]
+    first_indices = list(training.EpochSampler(len(shapes), seed=0))[:128]
     loader_labels = torch.cat([call["y"] for call in calls])
     assert torch.equal(loader_labels, shapes.labels[first_indices].long())
     # The network gets them, each replaced by the null label 4 with probability 0.5: of 128 draws, the share
@@ -621,41 +625,122 @@ def test_run_writes_metrics_plot_samples_and_tensorboard():
     assert Path("results/logs/r/config.json").exists()
 
 
-def test_two_process_gloo_run_trains_and_resumes(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               str(REPO / "train.py"), *TINY_RUN, "--run-name", "ddp", "--batch-size", "4", "--device", "cpu"]
+def torchrun(tmp_path, port, script, *flags):
+    """Run `script` (train.py, or a launcher that calls train.main) in 2 gloo processes; returns its stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(script), *TINY_RUN, "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    first = subprocess.run([*command, "--max-steps", "3"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["step"] == 3
-    assert len(utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["rng"]) == 2
-    second = subprocess.run([*command, "--max-steps", "5"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming" in second.stdout
-    assert utils.load_checkpoint(tmp_path / "checkpoints/ddp/last.pt")["step"] == 5
-    # Only rank 0 writes the metrics file: one row per step.
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_process_gloo_run_resumes_bit_for_bit(tmp_path, capsys):
+    # A constant learning rate after warmup, so the 3-step run follows the same schedule as the 5-step ones.
+    flags = ["--batch-size", "4", "--lr-schedule", "constant"]
+    torchrun(tmp_path, 29531, REPO / "train.py", "--run-name", "ddp", "--max-steps", "3", *flags)
+    interrupted = weights("ddp")
+    assert interrupted["step"] == 3
+    # One RNG state per process, and not the same: each rank draws its own noise, timesteps and flips.
+    rng = interrupted["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    out = torchrun(tmp_path, 29541, REPO / "train.py", "--run-name", "ddp", "--max-steps", "5", *flags)
+    assert "resuming checkpoints/ddp/last.pt at step 3" in out and "notice: the checkpoint was written" not in out
+    torchrun(tmp_path, 29542, REPO / "train.py", "--run-name", "straight", "--max-steps", "5", *flags)
+    assert_same_state(weights("straight"), weights("ddp"))
+    # Only rank 0 writes the metrics file: one row per step, steps 1-3 from the first run.
     assert utils.read_metrics(tmp_path / "results/logs/ddp/metrics.csv")["step"] == [1, 2, 3, 4, 5]
 
+    # The same checkpoint in one process: the run goes on, but cannot restore two ranks' random draws in one
+    # process, and says so.
+    assert run_train("--run-name", "ddp", "--max-steps", "6", "--device", "cpu", *flags) == 0
+    assert "notice: the checkpoint was written by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert weights("ddp")["step"] == 6
 
-# --- one optimizer step: train.apply_gradients ----------------------------------------------------------
 
-def sgd_problem(loss_scale):
-    """A linear layer with SGD at lr 1, whose loss has gradient norm 5 x loss_scale (a 3-4-5 triangle)."""
+# Runs train.main with content_seeded_training_loss, and saves the weights each rank ends with.
+DDP_LAUNCHER = """
+import os
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import torch
+import diffusion
+import train
+from test_train import content_seeded_training_loss
+
+seeded_loss = content_seeded_training_loss(diffusion.GaussianDiffusion.training_loss)
+trained = {{}}
+
+def training_loss(self, model, *args, **kwargs):
+    trained["model"] = model
+    return seeded_loss(self, model, *args, **kwargs)
+
+diffusion.GaussianDiffusion.training_loss = training_loss
+train.main(sys.argv[1:])
+model = getattr(trained["model"], "module", trained["model"])  # the module inside DistributedDataParallel
+torch.save(model.state_dict(), "weights_rank" + os.environ["RANK"] + ".pt")
+"""
+
+
+def test_two_processes_at_batch_b_train_like_one_process_at_batch_2b(tmp_path, monkeypatch):
+    # The ranks take alternate indices of one shared shuffle, so at each step their two micro-batches of 8 are
+    # together the one process's batch of 16.
+    size = len(ShapesDataset(train=True, image_size=16))
+    halves = [list(training.EpochSampler(size, seed=0, rank=rank, world_size=2)) for rank in (0, 1)]
+    whole = list(training.EpochSampler(size, seed=0))
+    for step in range(4):
+        together = halves[0][8 * step: 8 * step + 8] + halves[1][8 * step: 8 * step + 8]
+        assert sorted(together) == sorted(whole[16 * step: 16 * step + 16])
+
+    # Each process draws its own t and noise; drawn from each image's pixels instead, they no longer depend on
+    # which process trains on the image. No flips and no dropout (TINY_RUN), the other per-process draws.
+    flags = ["--max-steps", "4", "--no-random-flip", "--lr-schedule", "constant", "--device", "cpu"]
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(DDP_LAUNCHER.format(repo=str(REPO), tests=str(REPO / "tests")))
+    torchrun(tmp_path, 29543, launcher, "--run-name", "two", "--batch-size", "8", *flags)
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss",
+                        content_seeded_training_loss(diffusion.GaussianDiffusion.training_loss))
+    assert run_train("--run-name", "one", "--batch-size", "16", *flags) == 0
+
+    rank0 = torch.load(tmp_path / "weights_rank0.pt")
+    rank1 = torch.load(tmp_path / "weights_rank1.pt")
+    assert_weights_equal(rank0, weights("two")["model"])
+    # The ranks stay in step: with the gradients averaged across them, both take the same updates, bit for bit.
+    assert_weights_equal(rank1, rank0)
+    # The loss and the gradient norm of every step are the one process's (logged to 6 digits): the gradient is
+    # the mean over all 16 images. Summed across ranks its norm would double; unsynced, each rank would step
+    # along its own half's gradient.
+    two = utils.read_metrics(tmp_path / "results/logs/two/metrics.csv")
+    one = utils.read_metrics(tmp_path / "results/logs/one/metrics.csv")
+    assert len(two["step"]) == len(one["step"]) == 4
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    # And the same weights, up to float32 summation order, which Adam amplifies where a gradient is rounding
+    # noise around 0 (3e-5 seen); summed or unsynced gradients make them differ by 2e-3 to 5e-3.
+    one_model = weights("one")["model"]
+    assert rank0.keys() == one_model.keys()
+    for name, value in one_model.items():
+        torch.testing.assert_close(rank0[name], value, atol=2e-4, rtol=0, msg=name)
+
+
+# --- one optimizer step: training.apply_gradients ----------------------------------------------------------
+
+def sgd_problem(loss_scale, scaler=None):
+    """A linear layer with SGD at lr 1, whose loss has gradient norm 5 x loss_scale (a 3-4-5 triangle). With a
+    GradScaler the backward pass goes through scaler.scale(loss), as in training."""
     layer = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         layer.weight.zero_()
     optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
     loss = layer(torch.tensor([[3.0, 4.0]])).sum() * loss_scale
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return layer, optimizer, loss.detach()
 
 
 def test_apply_gradients_clips_the_norm_and_reports_it_before_clipping():
     layer, optimizer, loss = sgd_problem(2.0)  # gradient (6, 8), norm 10
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    grad_norm, finite = train.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
+    grad_norm, finite = training.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
     assert finite and grad_norm == pytest.approx(10.0)
     torch.testing.assert_close(layer.weight, torch.tensor([[-0.6, -0.8]]))  # one step along the clipped gradient
     assert layer.weight.grad is None  # cleared for the next step
@@ -664,6 +749,33 @@ def test_apply_gradients_clips_the_norm_and_reports_it_before_clipping():
 def test_apply_gradients_skips_a_non_finite_step():
     layer, optimizer, _ = sgd_problem(float("inf"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, finite = train.apply_gradients(layer, optimizer, scaler, torch.tensor(float("inf")), 1.0)
+    _, finite = training.apply_gradients(layer, optimizer, scaler, torch.tensor(float("inf")), 1.0)
     assert not finite
     assert torch.count_nonzero(layer.weight) == 0 and layer.weight.grad is None  # no step, gradients cleared
+
+
+def test_apply_gradients_unscales_fp16_gradients_and_lets_the_scaler_skip_overflows():
+    # torch.amp.GradScaler runs on a CPU too, so the fp16 branch is tested here. The scaler multiplies the loss by
+    # 2^16 before backward; apply_gradients must divide that out before it clips, reports the norm and steps.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=True)
+    layer, optimizer, loss = sgd_problem(2.0, scaler)  # true gradient (6, 8), norm 10
+    assert torch.equal(layer.weight.grad, torch.tensor([[6.0, 8.0]]) * 2**16)
+    grad_norm, finite = training.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
+    assert finite and grad_norm == pytest.approx(10.0)
+    torch.testing.assert_close(layer.weight, torch.tensor([[-0.6, -0.8]]))  # the same step as without a scaler
+    assert scaler.get_scale() == 2.0**16  # a good step keeps the scale
+
+    # A finite loss whose scaled gradient (4e34 x 2^16) is inf in float32: what an fp16 overflow looks like.
+    layer, optimizer, loss = sgd_problem(1e34, scaler)
+    assert torch.isfinite(loss) and not torch.isfinite(layer.weight.grad).all()
+    grad_norm, finite = training.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
+    assert grad_norm == math.inf  # reported in the metrics
+    assert finite  # not a bad step (documented): overflows are routine with fp16, and the scaler's business
+    assert torch.count_nonzero(layer.weight) == 0 and layer.weight.grad is None  # update skipped, gradients cleared
+    assert scaler.get_scale() == 2.0**15  # and the scale halved
+
+    # A non-finite loss is a bad step with a scaler too; the scaler backs off again.
+    layer, optimizer, loss = sgd_problem(float("nan"), scaler)
+    _, finite = training.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
+    assert not finite
+    assert torch.count_nonzero(layer.weight) == 0 and scaler.get_scale() == 2.0**14
