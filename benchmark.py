@@ -51,7 +51,6 @@ import training
 import utils
 from config import flag_field
 from diffusion import create_diffusion
-from model import create_model
 from pretrained import DIFFUSERS_DDPM_CIFAR10_CONFIG
 from utils import UsageError
 

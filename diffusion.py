@@ -21,7 +21,7 @@ import math
 import torch
 
 from config import BETA_SCHEDULES, LOSS_WEIGHTINGS, OBJECTIVES
-from samplers import DDPM_VARIANCES, SAMPLERS, per_step, randn
+from samplers import SAMPLERS, per_step, randn
 
 SKIP_TYPES = ("uniform", "quadratic")
 
@@ -395,10 +395,7 @@ class GaussianDiffusion:
         options = dict(sampler_options, **({"eta": eta} if eta != 0 else {}))
         unknown = sorted(set(options) - set(SAMPLERS[sampler].options))
         _check(not unknown, f"{', '.join(unknown)} does not apply to the {sampler} sampler")
-        options = {**SAMPLERS[sampler].options, **options}
-        _check(0 <= options.get("eta", 0) <= 1, f"eta must be between 0 and 1, got {eta}")
-        _check(options.get("ddpm_variance", "auto") in DDPM_VARIANCES,
-               f"ddpm_variance must be one of {', '.join(DDPM_VARIANCES)}, not {options.get('ddpm_variance')!r}")
+        options = {**SAMPLERS[sampler].options, **options}  # each sampler checks its own option values
         _check(0 <= dynamic_threshold < 1, f"dynamic_threshold must be a percentile in [0, 1), got {dynamic_threshold}")
         _check(0 <= strength <= 1, f"strength must be in [0, 1], got {strength}")
         _check(init_image is not None or (strength == 1 and mask is None),
@@ -418,7 +415,7 @@ class GaussianDiffusion:
             x_T, top = self.sdedit_start(init_image, strength, x_T)
             if top == 0:  # strength 0: nothing to denoise
                 return (x_T, []) if return_trajectory else x_T
-        steps = top if steps is None else self.sdedit_steps(steps, top / self.num_timesteps)[1]
+        steps = top if steps is None else self.sdedit_steps(steps, strength)[1]  # all of them at strength 1
         timesteps = self.sampling_timesteps(steps, top, skip_type)
 
         # After every step: the trajectory, and for inpainting the known pixels put back.

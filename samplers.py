@@ -66,6 +66,8 @@ def ddpm_sample(diffusion, predict, x_T, timesteps, generator, on_step, ddpm_var
     (DDIM Table 1: CIFAR-10 FID 32.7 against 8.0 at 50 steps). The mean equals q_posterior's mu_tilde at x0_pred
     (Eq. 7), since eps is recomputed from x0_pred whenever x0_pred is clipped.
     """
+    if ddpm_variance not in DDPM_VARIANCES:
+        raise ValueError(f"ddpm_variance must be one of {', '.join(DDPM_VARIANCES)}, not {ddpm_variance!r}")
     if ddpm_variance == "auto":  # a full chain visits every timestep from the top down to 0
         ddpm_variance = "large" if len(timesteps) == timesteps[0] + 1 else "small"
     # Respacing: the betas of the chain over the visited timesteps, rebuilt from their alpha-bars
@@ -98,6 +100,8 @@ def ddim_sample(diffusion, predict, x_T, timesteps, generator, on_step, eta=0.0)
         x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma_t^2) eps + sigma_t z,
         sigma_t = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev).
     """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be between 0 and 1, got {eta}")
     alpha_bar, alpha_bar_prev = diffusion.step_alpha_bars(timesteps)
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
     direction_scale = per_step((1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt(), x_T)
