@@ -1,6 +1,9 @@
-"""Score a diffusion model by FID, Inception Score and KID against CIFAR-10's training set, with torch-fidelity.
+"""Score a diffusion model: FID, Inception Score and KID against CIFAR-10 with torch-fidelity, or the offline
+classifier metric of its own dataset (quality.py).
 
     python evaluate.py --run-name cifar10             # 50,000 DDIM samples (100 steps) from the run's EMA weights
+    python evaluate.py --run-name demo --num-samples 1000    # a shapes model: the classifier metric (the default
+                                                             # for every dataset but CIFAR-10)
     python evaluate.py --pretrained google/ddpm-cifar10-32 --sampler ddpm   # the DDPM paper's model, all 1000 steps
     python evaluate.py --samples results/images/cifar10/eval_ddim_100steps_50000.npz   # score saved samples again
     python evaluate.py --run-name demo --num-samples 5000 --metrics fid     # quicker, but FID comes out higher
@@ -20,11 +23,19 @@ All three metrics look at the images through Inception-v3 (an ImageNet classifie
 torch-fidelity's Inception gives the numbers of the original TensorFlow code that papers report (torchvision's
 does not), and it caches the reference's features, so CIFAR-10 goes through Inception only once.
 
+--metrics classifier (the default for models of any dataset but CIFAR-10; see quality.py) needs no download: a small
+classifier of the model's own dataset, trained once and cached in data/classifiers/, gives
+  cfid       the FID formula on that classifier's features, samples against the training set, lower is better
+  confident  the fraction of samples it puts in one class with probability > 0.9, higher is better
+  balance    the entropy of the predicted classes / log K, 1 when every class is made equally often
+  accuracy   for class-conditional models, the fraction classified as the class asked for
+
 Outputs (RUN is --run-name; with --samples, the run that wrote them, else their file or folder name):
     results/images/RUN/eval_ddim_100steps_50000.npz  the generated samples, arr_0 uint8 (N, H, W, 3), for --samples
     results/metrics/RUN.json                         every number and setting of RUN's latest evaluation
     results/metrics.csv                              one row per evaluation: run, step, sampler, steps, guidance,
-                                                     num_samples, fid, isc, kid, seconds, date
+                                                     num_samples, fid, isc, kid, cfid, confident, balance,
+                                                     accuracy, seconds, date
 Downloaded once into data/ (offline, put them there by hand): Inception's weights (or pass a copy with
 --inception-weights), CIFAR-10 (cifar-10-python.tar.gz, shared with train.py), and in data/fidelity_cache/ the
 reference's features and statistics.
@@ -49,6 +60,7 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 
 import config
 import inference
+import quality
 import utils
 from config import flag_field
 from diffusion import create_diffusion
@@ -59,12 +71,14 @@ CACHE_DIR = DATA_DIR / "fidelity_cache"  # torch-fidelity's cache_root: the refe
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow Inception that FID was defined with
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-METRICS = ("fid", "isc", "kid")
+INCEPTION_METRICS = ("fid", "isc", "kid")
+METRICS = (*INCEPTION_METRICS, "classifier")
 MIN_SAMPLES = 10  # the Inception Score averages over 10 splits of the samples
 PAPER_SAMPLES = 50_000  # what papers compute FID on
 KID_SUBSET_SIZE = 1000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CSV_COLUMNS = ("run", "step", "sampler", "steps", "guidance", "num_samples", "fid", "isc", "kid", "seconds", "date")
+CSV_COLUMNS = ("run", "step", "sampler", "steps", "guidance", "num_samples", "fid", "isc", "kid", "cfid", "confident",
+               "balance", "accuracy", "seconds", "date")
 
 
 @dataclass
@@ -76,13 +90,18 @@ class EvalOptions(inference.SamplingOptions):
                                   "whose arr_0 is uint8 (N, H, W, 3)")
     num_samples: int = flag_field(PAPER_SAMPLES, f"images to generate (default {PAPER_SAMPLES}, as papers use)")
     batch_size: int = flag_field(256, "images per forward pass of the model and of Inception (default 256)")
-    metrics: str = flag_field(",".join(METRICS), f"comma-separated metrics to compute (default {','.join(METRICS)})")
+    metrics: str = flag_field("auto", f"comma-separated metrics to compute, of {', '.join(METRICS)}; auto (default) "
+                                      f"is fid,isc,kid for CIFAR-10 and classifier for every other dataset")
     inception_weights: str = flag_field("", f"a local copy of {URL_INCEPTION_V3}, for machines without network "
                                             f"(default {DATA_DIR / INCEPTION_FILE}, downloaded when missing)")
     feature_extractor: str = flag_field(INCEPTION, f"torch-fidelity feature extractor (default {INCEPTION}); "
                                                    f"another one gives numbers that are not FID, IS or KID")
     reference: str = flag_field("cifar10-train", "torch-fidelity input that FID and KID compare with (default "
                                                  "cifar10-train: CIFAR-10's 50,000 training images)")
+    dataset: str = flag_field("", "the dataset whose classifier scores --samples (default: the one their run was "
+                                  "trained on, when evaluate.py made them)", ("", *config.DATASETS))
+    data_dir: str = flag_field("data", "where that dataset is (for folder: the image folder; default data)")
+    channels: int = flag_field(0, "that dataset's channels (default: the dataset's own, or 3 for a folder)")
 
 
 def parse_options(argv=None):
@@ -91,9 +110,10 @@ def parse_options(argv=None):
 
 
 def check_options(opts):
-    """Raise UsageError for options that cannot work; returns the metrics to compute, e.g. ["fid", "kid"]."""
+    """Raise UsageError for options that cannot work; returns the metrics to compute, e.g. ["fid", "kid"], or
+    ["auto"] (see choose_metrics)."""
     metrics = [name.strip() for name in opts.metrics.lower().split(",") if name.strip()]
-    for name in metrics or [opts.metrics]:
+    for name in [] if metrics == ["auto"] else metrics or [opts.metrics]:
         if name not in METRICS:
             raise UsageError(f"unknown metric {name!r}; --metrics takes a comma-separated list of "
                              f"{', '.join(METRICS)}")
@@ -159,9 +179,39 @@ def load_reference(name):
 
 # --- the images to score --------------------------------------------------------------------------------
 
-def sample_images(opts, device, amp_dtype):
-    """opts.num_samples images from the model the options name: uint8 (N, H, W, 3), and the settings used."""
-    loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
+def choose_metrics(metrics, data_cfg):
+    """The metrics to compute: `metrics`, or for ["auto"] fid, isc and kid on CIFAR-10 (or when the dataset is
+    not known) and the classifier metric on every other dataset."""
+    if metrics != ["auto"]:
+        return metrics
+    if data_cfg is None or data_cfg.dataset == "cifar10":
+        return list(INCEPTION_METRICS)
+    return ["classifier"]
+
+
+def samples_dataset(opts, settings, images):
+    """The config of the dataset whose classifier scores --samples: --dataset, else the dataset of the run that
+    evaluate.py stored with them; None when neither says."""
+    if opts.dataset:
+        channels = opts.channels or config.DATASET_CHANNELS.get(opts.dataset, 3)
+        return config.get_config("cifar10", dataset=opts.dataset, data_dir=opts.data_dir, channels=channels,
+                                 image_size=images.shape[1])
+    if "config" in settings:
+        return config.config_from_dict(settings["config"])
+    return None
+
+
+def load_quality_metric(data_cfg):
+    """quality.py's classifier metric of the dataset, trained and cached on first use."""
+    if data_cfg is None:
+        raise UsageError("the classifier metric needs to know the dataset of --samples; give --dataset (and "
+                         "--data-dir for a folder)")
+    return quality.load_metric(data_cfg)
+
+
+def sample_images(opts, loaded, device, amp_dtype):
+    """opts.num_samples images from the loaded model: uint8 (N, H, W, 3), the labels asked for (or None), and the
+    settings used."""
     cfg = loaded.cfg
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(cfg, opts))
     # A model trained with labels gets every class equally often, as CIFAR-10 has them.
@@ -174,8 +224,10 @@ def sample_images(opts, device, amp_dtype):
                                 batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels)
     settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=opts.steps,
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
-                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold)
-    return utils.to_uint8(images), settings
+                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold,
+                    labels="cycle" if labels is not None else "none",  # image i asked for class i % K
+                    config=config.config_to_dict(cfg))
+    return utils.to_uint8(images), labels, settings
 
 
 def save_samples(images, settings):
@@ -267,12 +319,21 @@ def score(images, reference, metrics, weights, opts, device):
 
 def write_results(record):
     """Write results/metrics/RUN.json (replacing RUN's previous one) and append a row to results/metrics.csv,
-    with a header when the file is new; returns both paths."""
+    with a header when the file is new; a file with older columns is rewritten with today's. Returns both paths."""
     json_path = utils.RESULTS_DIR / "metrics" / f"{record['run']}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     csv_path = utils.RESULTS_DIR / "metrics.csv"
     new_file = not csv_path.exists()
+    if not new_file:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:  # written by an older version: keep its rows
+            with open(csv_path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")  # the JSON keeps the rest
         if new_file:
@@ -288,30 +349,52 @@ def run(opts):
     paths written."""
     metrics = check_options(opts)
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
-    # Fetch what the metrics need before sampling, which can take hours, rather than after it.
-    weights = inception_weights(opts.inception_weights) if opts.feature_extractor == INCEPTION else None
-    reference = load_reference(opts.reference) if "fid" in metrics or "kid" in metrics else None
-
     start = time.perf_counter()
     written = []
     if opts.samples:
         samples_path = Path(opts.samples)
         images, settings = load_samples(samples_path)
         settings["run"] = opts.run_name or settings.get("run") or samples_path.stem
+        data_cfg = samples_dataset(opts, settings, images)
+        labels = None
+        if settings.get("labels") == "cycle" and data_cfg is not None and data_cfg.num_classes > 0:
+            labels = torch.arange(len(images)) % data_cfg.num_classes
     else:
-        images, settings = sample_images(opts, device, amp_dtype)
+        loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
+        data_cfg = loaded.cfg
+        opts = dataclasses.replace(opts, steps=inference.sampling_steps(data_cfg, opts))  # checked before training
+    metrics = choose_metrics(metrics, data_cfg)
+
+    # Fetch (or train) what the metrics need before sampling, which can take hours, rather than after it.
+    inception = [name for name in metrics if name in INCEPTION_METRICS]
+    weights = None
+    if inception and opts.feature_extractor == INCEPTION:
+        weights = inception_weights(opts.inception_weights)
+    reference = load_reference(opts.reference) if "fid" in metrics or "kid" in metrics else None
+    quality_metric = load_quality_metric(data_cfg) if "classifier" in metrics else None
+
+    if not opts.samples:
+        images, labels, settings = sample_images(opts, loaded, device, amp_dtype)
         samples_path = save_samples(images, settings)
         written.append(samples_path)
         print(f"samples: {samples_path}")
-    if "fid" in metrics and len(images) < PAPER_SAMPLES:
-        print(f"note: FID from {len(images)} samples is higher than from the {PAPER_SAMPLES} papers use")
-    scores = score(images, reference, metrics, weights, opts, device)
+    scores = {}
+    if inception:
+        if "fid" in metrics and len(images) < PAPER_SAMPLES:
+            print(f"note: FID from {len(images)} samples is higher than from the {PAPER_SAMPLES} papers use")
+        scores.update(score(images, reference, inception, weights, opts, device))
+    if quality_metric is not None:
+        scores.update(quality_metric.score(images, labels),
+                      classifier=quality_metric.key, classifier_accuracy=quality_metric.held_out_accuracy)
+    settings.pop("config", None)  # the run's config is in its checkpoint
 
     # The CSV's columns first, then what only the JSON keeps.
     record = {**dict.fromkeys(CSV_COLUMNS), **settings, "num_samples": len(images), **scores,
               "seconds": round(time.perf_counter() - start, 1), "date": datetime.now().isoformat(timespec="seconds"),
               "samples": str(samples_path), "feature_extractor": opts.feature_extractor, "reference": opts.reference}
-    print("   ".join(f"{name.upper()} {record[name]:.4g}" for name in metrics))  # the stds are in the JSON
+    shown = [*inception, *(["cfid", "confident", "balance"] if quality_metric else []),
+             *(["accuracy"] if quality_metric and labels is not None else [])]
+    print("   ".join(f"{name.upper()} {record[name]:.4g}" for name in shown))  # the stds are in the JSON
     return written + write_results(record)
 
 
