@@ -10,6 +10,7 @@ with its help text, and becomes a `--field-name` flag in every script that train
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +90,9 @@ class Config:
     batch_size: int = flag_field(64, "images per optimizer step on each process (global batch = this x GPUs x grad_accum)")
     epochs: int = flag_field(100, "passes over the dataset; ignored when max_steps > 0")
     max_steps: int = flag_field(0, "optimizer steps to train for; 0 = derive from epochs")
+    time_budget: str = flag_field("", "train for this long instead (e.g. 90s, 10m, 2h, 1h30m): the run times its "
+                                      "first steps, then fixes the number of steps so that the LR schedule and the "
+                                      "last checkpoint end on time; replaces max_steps and epochs; empty = off")
     lr: float = flag_field(2e-4, "peak learning rate of Adam")
     adam_beta1: float = flag_field(0.9, "Adam beta1")
     adam_beta2: float = flag_field(0.999, "Adam beta2")
@@ -133,6 +137,20 @@ ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels",
                        "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective")
 
 
+DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text):
+    """Seconds in a duration such as "90s", "10m", "2h" or "1h30m" (units h, m, s; decimals allowed)."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+                         str(text).lower())
+    seconds = sum(float(value) * unit for value, unit in zip(parts.groups(), DURATION_UNITS.values())
+                  if value) if parts else 0
+    if not parts or seconds <= 0:
+        raise ConfigError(f"time_budget must be a duration such as 90s, 10m, 2h or 1h30m, not {text!r}")
+    return seconds
+
+
 def _check(ok, message):
     if not ok:
         raise ConfigError(message)
@@ -159,6 +177,8 @@ def validate(cfg):
                  "keep_checkpoints"):
         _check(getattr(cfg, name) >= 0, f"{name} must be zero or positive, got {getattr(cfg, name)}")
     _check(cfg.epochs > 0 or cfg.max_steps > 0, "give either epochs > 0 or max_steps > 0, or training never ends")
+    if cfg.time_budget:
+        parse_duration(cfg.time_budget)  # raises ConfigError
     _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
     _check(cfg.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {cfg.grad_clip}")
     _check(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")

@@ -338,7 +338,7 @@ def main(argv=None):
     count = min(num_images, len(held_out))
     print(f"\n{dataset_label(cfg)}, {count} images per row, classifier held-out accuracy "
           f"{metric.held_out_accuracy:.2%}\n")
-    print(f"| images | cfid | confident | balance |\n|---|---|---|---|")
+    print("| images | cfid | confident | balance |\n|---|---|---|---|")
     for how, scores in rows.items():
         print(f"| {CALIBRATION[how]} | {scores['cfid']:.3g} | {scores['confident']:.3f} | {scores['balance']:.3f} |")
     path = config.RESULTS_DIR / "metrics" / f"calibration_{dataset_label(cfg)}_{cfg.image_size}px.json"

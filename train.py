@@ -14,6 +14,7 @@ from checkpoints/RUN/last.pt exactly where it stopped.
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -22,15 +23,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import config
+import training
 import utils
 from dataset import build_dataset
 from diffusion import create_diffusion
-from training import (EpochSampler, StopRequest, TrainingState, infinite_batches, random_flip, resolve_run,
-                      setup_distributed, train_step)
+from training import (EpochSampler, StopRequest, TimeBudget, TrainingState, infinite_batches, random_flip,
+                      resolve_run, setup_distributed, time_serialisation, train_step)
 
 PREVIEW_SAMPLES = 36  # images in the 6x6 sample grid logged during training
 PREVIEW_STEPS = 25    # DDIM steps for that grid: cheap, and good enough to watch progress
 PREVIEW_SEED = 1234   # fixed starting noise, so grids are comparable across the run
+UNPLANNED = 10 ** 12  # the length of a --time-budget run until it has timed its first steps
 
 
 # --- setup ----------------------------------------------------------------------------------------------
@@ -116,7 +119,8 @@ class RunLog:
         self.writer = SummaryWriter(self.log_dir, purge_step=state.step if state.step > 0 else None)
         self.writer.add_text("config", "```\n" + json.dumps(config.config_to_dict(cfg), indent=2) + "\n```", state.step)
         self.metrics = utils.MetricsCSV(self.log_dir / "metrics.csv", resume_step=state.step)
-        self.progress = tqdm(total=total_steps, initial=state.step, dynamic_ncols=True, desc=cfg.name)
+        self.progress = tqdm(total=None if total_steps == UNPLANNED else total_steps, initial=state.step,
+                             dynamic_ncols=True, desc=cfg.name)
 
     def step(self, state, loss, grad_norm, finite, images_per_step, total_steps):
         """After each optimizer step: accumulate the loss (on the device, no sync), and every log_every steps (or
@@ -143,6 +147,22 @@ class RunLog:
             self.clock_step = state.step
         if self.is_main:
             self.progress.update(1)
+
+    def planned(self, state, budget, world_size):
+        """After a time budget has fixed the run's length: say what it chose and why."""
+        if not self.is_main:
+            return
+        self.progress.total = state.total_steps
+        self.progress.refresh()
+        images_per_step = self.cfg.batch_size * self.cfg.grad_accum * world_size
+        self.progress.write(
+            f"time budget {self.cfg.time_budget}: {budget.step_seconds:.3g} s per step ({images_per_step / budget.step_seconds:.1f} img/s) "
+            f"over the first {state.step} steps, so {state.total_steps:,} steps in all; the warmup and the "
+            f"cosine decay end there, with the last checkpoint and samples (estimated {budget.save_seconds:.2g} s "
+            f"per checkpoint, {budget.preview_seconds:.2g} s per preview grid), {TimeBudget.MARGIN:.0%} kept spare")
+        if self.cfg.warmup_steps > state.total_steps // 2:
+            self.progress.write(f"warning: the warmup ({self.cfg.warmup_steps} steps) takes more than half of the "
+                                f"{state.total_steps} steps; lower --warmup-steps")
 
     def preview(self, state, diffusion, device, amp_dtype):
         if self.is_main:
@@ -200,15 +220,28 @@ def save(state, cfg, log, distributed):
     return path
 
 
-def train_loop(state, diffusion, batches, log, cfg, total_steps, device, amp_dtype, distributed):
-    """Train until total_steps, a signal, or too many non-finite steps in a row; log, preview and save on
-    schedule. Returns (message for the user, whether the run failed)."""
+def preview_seconds(cfg, step_seconds):
+    """About how long one preview grid takes: PREVIEW_STEPS forward passes over PREVIEW_SAMPLES images, each about
+    half of what a training step spends on one of its images (which also runs backward)."""
+    return PREVIEW_STEPS * PREVIEW_SAMPLES * step_seconds / (2 * cfg.batch_size * cfg.grad_accum)
+
+
+def train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, distributed):
+    """Train until state.total_steps, a signal, the end of the time budget, or too many non-finite steps in a row;
+    log, preview and save on schedule. Returns (message for the user, whether the run failed)."""
     stop = StopRequest()
-    images_per_step = cfg.batch_size * cfg.grad_accum * (dist.get_world_size() if distributed else 1)
+    world_size = dist.get_world_size() if distributed else 1
+    images_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    planning = bool(cfg.time_budget) and state.budget_steps is None
+    if cfg.time_budget and not planning:  # resumed after the plan: what the final checkpoint will take
+        budget.save_seconds = 2 * time_serialisation(state)
+    # The learning rates of the warmup's steps do not depend on the run's length (a constant schedule: none do).
+    last_free_step = cfg.warmup_steps if cfg.lr_schedule == "cosine" else UNPLANNED
     state.train_model.train()
     try:
-        while state.step < total_steps:
+        while state.step < state.total_steps:
             loss, grad_norm, finite = train_step(state, diffusion, batches, device, amp_dtype, distributed)
+            state.train_seconds = budget.elapsed()
             if not finite and log.is_main:
                 print(f"\nwarning: non-finite loss at step {state.step}, step skipped ({state.bad_steps} in a row)",
                       file=sys.stderr)
@@ -216,28 +249,67 @@ def train_loop(state, diffusion, batches, log, cfg, total_steps, device, amp_dty
                 return (f"stopped: {state.bad_steps} non-finite losses in a row (--max-bad-steps {cfg.max_bad_steps}); "
                         f"try a lower --lr or --amp bf16/none. The last good checkpoint in "
                         f"{utils.CHECKPOINT_DIR / cfg.name} is intact"), True
-            log.step(state, loss, grad_norm, finite, images_per_step, total_steps)
+            if planning and agreed(budget.measured(state.step, last_free_step), distributed, device):
+                budget.save_seconds = 2 * time_serialisation(state)
+                budget.preview_seconds = preview_seconds(cfg, budget.step_seconds) if cfg.sample_every else 0.0
+                # Every process must train the same number of steps: rank 0's plan is everyone's.
+                state.budget_steps = state.total_steps = broadcast(budget.plan_steps(state.step, cfg), distributed,
+                                                                   device)
+                planning = False
+                log.planned(state, budget, world_size)
+            log.step(state, loss, grad_norm, finite, images_per_step, state.total_steps)
             if cfg.sample_every and state.step % cfg.sample_every == 0:
                 log.preview(state, diffusion, device, amp_dtype)
-            if state.step % cfg.save_every == 0 and state.step < total_steps and state.bad_steps == 0:
+            if state.step % cfg.save_every == 0 and state.step < state.total_steps and state.bad_steps == 0:
                 save(state, cfg, log, distributed)
+            if (cfg.time_budget and not planning and state.step < state.total_steps
+                    and agreed(budget.over(budget.save_seconds + budget.preview_seconds), distributed, device)):
+                path = finish(state, diffusion, cfg, log, device, amp_dtype, distributed)
+                return (f"time budget {cfg.time_budget} reached at step {state.step} of {state.total_steps} (the "
+                        f"machine got slower than its first steps): saved {path}"), False
             if stop.requested(distributed, device):
                 path = save(state, cfg, log, distributed)
                 return f"{stop.signal_name or 'signal'}: saved {path} at step {state.step}; run again to resume", False
-        path = save(state, cfg, log, distributed)
-        if cfg.sample_every and state.step % cfg.sample_every != 0:  # else the loop just did
-            log.preview(state, diffusion, device, amp_dtype)
-        log.finish()
-        return f"done: {state.step} steps; checkpoint {path}, metrics {log.log_dir / 'metrics.csv'}", False
+        path = finish(state, diffusion, cfg, log, device, amp_dtype, distributed)
+        spent = f" in {state.train_seconds / 60:.1f} min of training" if cfg.time_budget else ""
+        return f"done: {state.step} steps{spent}; checkpoint {path}, metrics {log.log_dir / 'metrics.csv'}", False
     except utils.CheckpointError as error:
         return f"error: {error}", True
     finally:
         stop.restore()
 
 
+def finish(state, diffusion, cfg, log, device, amp_dtype, distributed):
+    """The end of a run: the last checkpoint, the last preview grid (unless the loop just made it), the HParams."""
+    path = save(state, cfg, log, distributed)
+    if cfg.sample_every and state.step % cfg.sample_every != 0:
+        log.preview(state, diffusion, device, amp_dtype)
+    log.finish()
+    return path
+
+
+def agreed(flag, distributed, device):
+    """`flag` if any process has it (the processes' clocks differ, and they must take the same branch)."""
+    if not distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast(value, distributed, device):
+    """Rank 0's integer `value` on every process."""
+    if not distributed:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 # --- the script -----------------------------------------------------------------------------------------
 
 def main(argv=None):
+    start = training.clock()  # a --time-budget counts from here
     # -- setup: processes, config, checkpoint, device --
     cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size = setup(argv)
     distributed = world_size > 1
@@ -250,7 +322,8 @@ def main(argv=None):
 
     # -- data --
     dataset, sampler, loader, steps_per_epoch = build_loader(cfg, device, rank, world_size)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # A --time-budget run fixes its length after its first steps (TimeBudget); a resumed one kept it (restore).
+    total_steps = UNPLANNED if cfg.time_budget else cfg.max_steps or cfg.epochs * steps_per_epoch
 
     # -- state: model, EMA, optimizer, LR schedule, scaler; restored from the checkpoint --
     state = TrainingState(cfg, device, amp_dtype, total_steps)
@@ -265,18 +338,25 @@ def main(argv=None):
             print(f"resuming {resume_path} at step {state.step} (epoch {state.epoch})")
     state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     diffusion = create_diffusion(cfg)
+    # Without a budget it only counts the training time, which checkpoints keep.
+    budget = TimeBudget(config.parse_duration(cfg.time_budget) if cfg.time_budget else math.inf,
+                        spent=state.train_seconds, start=start)
 
     # -- the loop --
-    log = RunLog(cfg, state, total_steps, is_main)
+    log = RunLog(cfg, state, state.total_steps, is_main)
     if is_main:
+        length = f"{state.total_steps:,} steps"
+        if state.total_steps == UNPLANNED:
+            length = f"a time budget of {cfg.time_budget} ({budget.elapsed() / 60:.1f} min used)"
+        elif cfg.time_budget:
+            length += f" (fixed by the time budget {cfg.time_budget}; {state.train_seconds / 60:.1f} min used)"
         print(f"run {cfg.name}: {sum(p.numel() for p in state.model.parameters()):,} parameters, {len(dataset):,} "
-              f"images, {total_steps:,} steps of {cfg.batch_size * cfg.grad_accum * world_size} images, "
+              f"images, {length} of {cfg.batch_size * cfg.grad_accum * world_size} images, "
               f"device {device}, amp {amp_dtype or 'none'}, {world_size} process(es)")
     batches = device_batches(infinite_batches(loader, sampler, steps_per_epoch * cfg.grad_accum, state.epoch,
                                               state.batch_in_epoch), state, cfg, device)
     try:
-        message, failed = train_loop(state, diffusion, batches, log, cfg, total_steps, device, amp_dtype,
-                                     distributed)
+        message, failed = train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, distributed)
     finally:
         log.close()
         if distributed:

@@ -17,9 +17,11 @@ Imports config, model and utils; no script.
 import contextlib
 import copy
 import dataclasses
+import io
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -32,13 +34,16 @@ import utils
 from model import create_model
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "lr_scheduler", "scaler", "step", "epoch", "batch_in_epoch",
-                   "bad_steps", "config", "rng")
+                   "bad_steps", "config", "rng", "budget_steps", "train_seconds")
+OPTIONAL_KEYS = ("bad_steps", "budget_steps", "train_seconds")  # absent from checkpoints of older versions
 
 
 class TrainingState:
     """Everything a run carries from step to step and saves in its checkpoints: the model, its EMA, the optimizer,
     the learning-rate schedule, the fp16 gradient scaler, and where the run is (step, epoch, batch_in_epoch,
-    bad_steps). `model` is the plain module; `train_model` is what the loop calls (DDP- or compile-wrapped)."""
+    bad_steps), the run's length (total_steps; budget_steps once a --time-budget has fixed it) and its training time
+    so far (train_seconds). `model` is the plain module; `train_model` is what the loop calls (DDP- or
+    compile-wrapped)."""
 
     def __init__(self, cfg, device, amp_dtype, total_steps):
         self.cfg = cfg
@@ -48,13 +53,17 @@ class TrainingState:
         # is in README, Speed notes); also the fastest Adam on CUDA.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                           fused=True)
+        self.total_steps = total_steps
+        # Reads self.total_steps at every step, so that a time budget can fix it after the first steps.
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, cfg, total_steps))
+            self.optimizer, lambda step: lr_factor(step, cfg, self.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.bad_steps = 0
+        self.budget_steps = None
+        self.train_seconds = 0.0
         self.train_model = self.model
         self.ddp_model = None
 
@@ -62,7 +71,7 @@ class TrainingState:
         """Continue from a checkpoint that `checkpoint` wrote. Returns a notice for the user, or None: a checkpoint
         written by another number of processes re-seeds the random draws instead of restoring them. A checkpoint
         without the training state (say one with weights only) raises utils.CheckpointError."""
-        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint and key != "bad_steps"]  # older files
+        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint and key not in OPTIONAL_KEYS]
         if missing:
             raise utils.CheckpointError(f"the checkpoint holds no {', '.join(missing)}, so training cannot continue "
                                         f"from it (it can still be sampled from); start a new --run-name instead")
@@ -77,6 +86,10 @@ class TrainingState:
         self.epoch = checkpoint["epoch"]
         self.batch_in_epoch = checkpoint["batch_in_epoch"]
         self.bad_steps = checkpoint.get("bad_steps", 0)
+        self.budget_steps = checkpoint.get("budget_steps")
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        if self.budget_steps and self.cfg.time_budget:
+            self.total_steps = self.budget_steps  # the schedule the budget fixed, kept as it was
         rng_states = checkpoint["rng"]
         if len(rng_states) == world_size:
             utils.set_rng_state(rng_states[rank])
@@ -108,6 +121,7 @@ class TrainingState:
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "bad_steps": self.bad_steps,
             "config": config.config_to_dict(self.cfg), "rng": rng_states,
+            "budget_steps": self.budget_steps, "train_seconds": self.train_seconds,
         }
         assert tuple(state) == CHECKPOINT_KEYS
         return state
@@ -148,6 +162,93 @@ def train_step(state, diffusion, micro_batches, device, amp_dtype, distributed=F
     state.lr_scheduler.step()
     utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, cfg.ema_decay))
     return loss_sum, grad_norm, finite
+
+
+# --- the time budget ------------------------------------------------------------------------------------
+
+clock = time.perf_counter  # the budget's clock (tests replace it)
+
+
+class TimeBudget:
+    """`train.py --time-budget`: a run that must end, its last checkpoint and samples written, within `seconds` of
+    training time (`spent` of it used by earlier sessions of a resumed run).
+
+    It times the first steps (MIN_MEASURED steps at least, and about MEASURE_FRACTION of the budget, but no
+    further than the end of the LR warmup, whose learning rates do not depend on the run's length), then fixes the
+    number of steps with `plan_steps`. So a budgeted run trains exactly like `--max-steps N` with the N it prints,
+    and a resumed run keeps that N. Should the machine get slower, the loop stops early, on time (`over`)."""
+
+    MIN_MEASURED = 5
+    MEASURE_FRACTION = 0.03
+    MARGIN = 0.03  # kept free for what the estimate misses (a noisy machine, the loss plot, ...)
+
+    def __init__(self, seconds, spent=0.0, start=None):
+        self.seconds = seconds
+        self.spent = spent
+        self.start = clock() if start is None else start
+        self.first = None  # (step, time) after the first timed step
+        self.step_seconds = None
+        self.save_seconds = 0.0
+        self.preview_seconds = 0.0
+        self.last_check = None
+
+    def elapsed(self):
+        """Training time so far, earlier sessions included."""
+        return self.spent + clock() - self.start
+
+    def measured(self, step, last_free_step):
+        """Call after every step until it returns True: whether the steps timed so far are enough (then
+        step_seconds holds the mean time per step). The first step is not timed: it allocates memory. It stops
+        timing at `last_free_step` (the warmup's end), after which the learning rate depends on the run's length."""
+        now = clock()
+        if self.first is None:
+            self.first = (step, now)
+            return False
+        steps = step - self.first[0]
+        seconds = now - self.first[1]
+        long_enough = seconds >= min(self.MEASURE_FRACTION * self.seconds, 30.0)
+        if steps >= self.MIN_MEASURED and long_enough or step >= max(last_free_step, 2):
+            self.step_seconds = seconds / steps
+            return True
+        return False
+
+    def plan_steps(self, step, cfg):
+        """The largest N such that N - step more steps at step_seconds each, the checkpoints and preview grids
+        due on the way and at the end (each save_seconds, preview_seconds), fit in what is left of the budget less
+        MARGIN. At least step + 1."""
+        available = self.seconds * (1 - self.MARGIN) - self.elapsed()
+
+        def cost(total):
+            saves = (total - 1) // cfg.save_every - step // cfg.save_every + 1  # on the way, and the last one
+            previews = 0
+            if cfg.sample_every:
+                previews = total // cfg.sample_every - step // cfg.sample_every + (total % cfg.sample_every != 0)
+            return (total - step) * self.step_seconds + saves * self.save_seconds + previews * self.preview_seconds
+
+        per_step = (self.step_seconds + self.save_seconds / cfg.save_every
+                    + (self.preview_seconds / cfg.sample_every if cfg.sample_every else 0))
+        total = step + max(1, int((available - self.save_seconds - self.preview_seconds) / per_step))
+        # The estimate is within a few steps (the events fall on multiples); walk to the exact answer.
+        while cost(total + 1) <= available:
+            total += 1
+        while total > step + 1 and cost(total) > available:
+            total -= 1
+        return total
+
+    def over(self, reserve):
+        """Call after every step: whether one more step like the last one, and then `reserve` seconds (what the
+        final checkpoint and samples take), would run past the budget."""
+        now = self.elapsed()
+        last_step = now - self.last_check if self.last_check is not None else self.step_seconds or 0.0
+        self.last_check = now
+        return now + last_step + reserve > self.seconds
+
+
+def time_serialisation(state):
+    """Seconds to serialise one checkpoint of `state` (a run writes each twice: step_N.pt and last.pt)."""
+    start = clock()
+    torch.save(state.checkpoint([utils.get_rng_state()]), io.BytesIO())
+    return clock() - start
 
 
 # --- pieces of the loop ---------------------------------------------------------------------------------
@@ -279,7 +380,13 @@ def resolve_run(preset, overrides, rank=0):
     When resuming, the architecture and the diffusion come from the checkpoint (config.ARCHITECTURE_FIELDS): flags
     that would change them are refused, and training-only flags (say a larger --max-steps) are applied with a notice.
     """
+    if str(overrides.get("time_budget", "")).lower() in ("off", "none"):
+        overrides = {**overrides, "time_budget": ""}
     cfg = config.get_config(preset, **overrides)
+    lengths = [name for name in ("max_steps", "epochs") if name in overrides]
+    if cfg.time_budget and lengths:
+        raise utils.UsageError(f"--time-budget chooses the number of steps itself, so it cannot go with "
+                               f"--{lengths[0].replace('_', '-')}; give one of the two")
     run_dir = utils.CHECKPOINT_DIR / cfg.name
     if cfg.resume == "none":
         if (run_dir / "last.pt").exists() or utils.step_checkpoints(run_dir):
@@ -302,6 +409,11 @@ def resolve_run(preset, overrides, rank=0):
                              f"to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
+    planned = state.get("budget_steps")
+    if saved.time_budget and planned and ("time_budget" in changes or lengths) and changes.get("time_budget") != "":
+        raise utils.UsageError(f"{path} was trained under --time-budget {saved.time_budget}, which fixed its length "
+                               f"at {planned} steps, and a resumed run keeps that schedule; to train on past it, "
+                               f"resume with --time-budget off --max-steps N")
     resumed = dataclasses.replace(saved, **changes, resume=cfg.resume)
     if changes and rank == 0:
         print(f"notice: resuming {path} with changed settings: "

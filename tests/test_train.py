@@ -779,3 +779,91 @@ def test_apply_gradients_unscales_fp16_gradients_and_lets_the_scaler_skip_overfl
     _, finite = training.apply_gradients(layer, optimizer, scaler, loss, grad_clip=1.0)
     assert not finite
     assert torch.count_nonzero(layer.weight) == 0 and scaler.get_scale() == 2.0**14
+
+
+# --- --time-budget ----------------------------------------------------------------------------------------
+
+def one_second_per_step(monkeypatch, stop_at_call=None):
+    """A clock for the budget that moves 1 s per training_loss call and stands still otherwise, so the plan is
+    the same on every machine; optionally SIGTERM during call `stop_at_call`. Returns the clock's dict."""
+    now = {"t": 0.0, "calls": 0}
+    monkeypatch.setattr(training, "clock", lambda: now["t"])
+    original = diffusion.GaussianDiffusion.training_loss
+
+    def timed(self, *args, **kwargs):
+        now["t"] += 1.0
+        now["calls"] += 1
+        if now["calls"] == stop_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", timed)
+    return now
+
+
+def test_a_time_budget_run_trains_exactly_like_max_steps_with_the_number_it_chose(monkeypatch, capsys):
+    one_second_per_step(monkeypatch)
+    assert run_train("--run-name", "budget", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    out = capsys.readouterr().out
+    # Steps 2-3 are timed (the warmup ends at 3), then 30 s x 0.97 less the 3 s spent leaves 26 more steps.
+    assert "time budget 30s: 1 s per step" in out and "so 29 steps in all" in out
+    budget_run = weights("budget")
+    assert budget_run["step"] == 29 and budget_run["budget_steps"] == 29
+    assert budget_run["train_seconds"] == pytest.approx(29.0)
+
+    assert run_train("--run-name", "fixed", "--max-steps", "29", "--warmup-steps", "3") == 0
+    assert_same_state(budget_run, weights("fixed"))
+
+
+def test_a_resumed_budget_run_keeps_its_plan_and_does_not_count_the_pause(monkeypatch, capsys):
+    now = one_second_per_step(monkeypatch)
+    assert run_train("--run-name", "whole", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    now.update(t=0.0, calls=0)
+    one_second_per_step(monkeypatch, stop_at_call=12)
+    assert run_train("--run-name", "parts", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    stopped = weights("parts")
+    assert stopped["step"] == 12 and stopped["budget_steps"] == 29 and stopped["train_seconds"] == 12.0
+
+    later = one_second_per_step(monkeypatch)
+    later["t"] = 3600.0  # an hour passes while the run is stopped
+    assert run_train("--run-name", "parts", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    assert "fixed by the time budget 30s; 0.2 min used" in capsys.readouterr().out
+    assert_same_state(weights("whole"), weights("parts"))
+
+
+def test_the_budget_stops_a_run_on_time_when_the_machine_gets_slower(monkeypatch, capsys):
+    now = one_second_per_step(monkeypatch)
+    original = diffusion.GaussianDiffusion.training_loss
+
+    def slower(self, *args, **kwargs):
+        if now["calls"] >= 10:
+            now["t"] += 1.0  # 2 s per step from step 11 on
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", slower)
+    assert run_train("--run-name", "slow", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    assert "time budget 30s reached at step" in capsys.readouterr().out
+    stopped = weights("slow")
+    assert stopped["step"] < 29 and stopped["train_seconds"] <= 30
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--time-budget", "10m", "--max-steps", "100"], "cannot go with --max-steps; give one of the two"),
+    (["--time-budget", "10m", "--epochs", "3"], "cannot go with --epochs"),
+    (["--time-budget", "ten"], "time_budget must be a duration such as 90s"),
+])
+def test_a_time_budget_that_contradicts_the_length_is_refused(flags, message, capsys):
+    assert run_train("--run-name", "bad", *flags) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not Path("checkpoints/bad/last.pt").exists()
+
+
+def test_a_planned_budget_run_refuses_another_budget_on_resume(monkeypatch, capsys):
+    one_second_per_step(monkeypatch, stop_at_call=8)
+    assert run_train("--run-name", "b", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    assert run_train("--run-name", "b", "--time-budget", "1h", "--warmup-steps", "3") == 1
+    assert "fixed its length at 29 steps" in capsys.readouterr().err
+    # Switching the budget off and naming a length trains on, from the same checkpoint.
+    assert run_train("--run-name", "b", "--time-budget", "off", "--max-steps", "10", "--warmup-steps", "3") == 0
+    assert weights("b")["step"] == 10

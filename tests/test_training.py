@@ -39,3 +39,49 @@ def test_restoring_a_weights_only_checkpoint_is_one_sentence(tmp_path):
     weights_only = {key: saved[key] for key in ("model", "ema", "config")}
     with pytest.raises(utils.CheckpointError, match="holds no optimizer, lr_scheduler, scaler, step"):
         tiny_state().restore(weights_only)
+
+
+# --- the time budget ------------------------------------------------------------------------------------
+
+def fake_clock(monkeypatch, start=0.0):
+    """Replace the budget's clock by one that only moves when the test says (returns the dict holding its time)."""
+    now = {"t": start}
+    monkeypatch.setattr(training, "clock", lambda: now["t"])
+    return now
+
+
+def test_the_planned_length_is_the_longest_that_fits_with_its_checkpoints_and_previews(monkeypatch):
+    now = fake_clock(monkeypatch)
+    cfg = config.get_config("demo", save_every=50, sample_every=40)
+    budget = training.TimeBudget(1000.0, spent=100.0)  # 100 s spent by an earlier session
+    now["t"] = 20.0
+    budget.step_seconds, budget.save_seconds, budget.preview_seconds = 0.5, 3.0, 7.0
+    total = budget.plan_steps(10, cfg)
+    available = 1000 * (1 - training.TimeBudget.MARGIN) - 120
+
+    def cost(n):  # the steps, the checkpoints at 50, 100, ... below n and at n, the grids at 40, 80, ... and at n
+        saves = len([s for s in range(11, n) if s % 50 == 0]) + 1
+        previews = len([s for s in range(11, n + 1) if s % 40 == 0]) + (n % 40 != 0)
+        return (n - 10) * 0.5 + 3.0 * saves + 7.0 * previews
+
+    assert cost(total) <= available < cost(total + 1)
+    assert 1000 < total < 1700  # 1,706 steps would fit without the checkpoints and grids
+
+
+def test_a_budget_times_its_first_steps_then_stops_at_the_warmups_end(monkeypatch):
+    now = fake_clock(monkeypatch)
+    budget = training.TimeBudget(600.0)
+    for step in range(1, 30):
+        now["t"] += 2.0 if step == 1 else 1.0  # the first step is slower, and not timed
+        if budget.measured(step, last_free_step=1000):
+            break
+    # 3% of 600 s = 18 s of timed steps, at least 5 steps: step 19, 18 timed steps of 1 s.
+    assert (step, budget.step_seconds) == (19, 1.0)
+    short_warmup = training.TimeBudget(600.0)
+    assert [short_warmup.measured(step, last_free_step=4) for step in range(1, 5)] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("text", ["10", "ten minutes", "0s", "-5m"])
+def test_a_duration_that_cannot_be_read_is_refused(text):
+    with pytest.raises(config.ConfigError, match="time_budget must be a duration such as 90s"):
+        config.get_config("demo", time_budget=text)
