@@ -100,7 +100,11 @@ class Config:
     lr_schedule: str = flag_field("cosine", "after warmup: cosine anneals to 0 at the end, or constant", LR_SCHEDULES)
     grad_clip: float = flag_field(1.0, "clip the global gradient norm to this; 0 = no clipping")
     ema_decay: float = flag_field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
-    amp: str = flag_field("auto", "mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU", AMP_MODES)
+    ema_gamma: float = flag_field(0.0, "power-function EMA (Karras et al. 2024) instead: the average weighs step s "
+                                       "by s^gamma, so it covers the same late part of any run length (e.g. 7); "
+                                       "0 = off, use ema_decay")
+    amp: str = flag_field("auto", "mixed precision: auto = bf16 (or fp16) on CUDA, bf16 on CPUs with AMX or "
+                                   "AVX-512 BF16, none on other CPUs", AMP_MODES)
     grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
     compile: bool = flag_field(False, "compile the model with torch.compile (no faster on a CPU: see README, "
                                        "Speed notes)")
@@ -182,6 +186,7 @@ def validate(cfg):
     _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
     _check(cfg.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {cfg.grad_clip}")
     _check(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    _check(cfg.ema_gamma >= 0, f"ema_gamma must be zero (off) or positive, got {cfg.ema_gamma}")
     _check(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
     _check(0 <= cfg.cond_drop_prob < 1, f"cond_drop_prob must be in [0, 1), got {cfg.cond_drop_prob}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -226,21 +231,32 @@ PRESETS = {
         dropout=0.1, batch_size=128, epochs=0, max_steps=800_000, warmup_steps=5000, lr_schedule="constant",
         save_every=10_000, sample_every=10_000,
     ),
-    # 28x28 digits padded to 32x32; a small 3-level U-Net.
+    # A GPU recipe: 28x28 digits padded to 32x32, a small 3-level U-Net, 20 epochs (about 9,400 steps). Digits are
+    # not flipped: a mirrored 2 is no digit.
     "mnist": dict(
-        dataset="mnist", channels=1, base_channels=32, channel_mults=(1, 2, 2), attn_resolutions=(8,),
-        num_heads=4, batch_size=128, epochs=20, warmup_steps=500, ema_decay=0.999, save_every=2000,
-        sample_every=2000,
+        dataset="mnist", channels=1, random_flip=False, base_channels=32, channel_mults=(1, 2, 2),
+        attn_resolutions=(8,), num_heads=4, batch_size=128, epochs=20, warmup_steps=500, ema_decay=0.999,
+        save_every=2000, sample_every=2000,
     ),
-    # A tiny model on the built-in offline `shapes` data: trains on 2 CPU cores in a few minutes. v-prediction
-    # with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain eps-prediction;
-    # bf16 autocast, which is faster than fp32 on CPUs with AMX; on CPUs without fast bf16 (no AMX or AVX-512
-    # BF16) it is far slower: pass --amp none there.
+    # A CPU recipe for digits: 10 minutes (--time-budget) on 2 cores. The digits at 16x16 (as USPS has them), which
+    # trains about 2.5x faster than 32x32 and gives the run about 3,000 steps of 16 images on a 2-core CPU without
+    # AMX; the demo's model and recipe otherwise (README, Results: what was tried).
+    "mnist-cpu": dict(
+        dataset="mnist", channels=1, image_size=16, random_flip=False, base_channels=32, channel_mults=(1, 2, 2),
+        num_res_blocks=1, attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr",
+        batch_size=16, epochs=0, max_steps=3000, time_budget="10m", lr=1e-3, warmup_steps=100, ema_decay=0.995,
+        num_workers=0, save_every=1000, sample_every=1000, log_every=50, keep_checkpoints=2,
+    ),
+    # A tiny model on the built-in offline `shapes` data, for a CPU: 5 minutes (--time-budget) on 2 cores.
+    # v-prediction with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain
+    # eps-prediction; 16x16 images train about 2.5x faster than 32x32, and in a few minutes the number of steps
+    # decides the quality more than anything else tried (README, Results: what was tried). amp auto: bf16 on CPUs
+    # with AMX or AVX-512 BF16, float32 on others.
     "demo": dict(
-        dataset="shapes", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=32, epochs=0,
-        max_steps=800, lr=1e-3, warmup_steps=100, amp="bf16",
-        ema_decay=0.995, num_workers=0, save_every=400, sample_every=400, log_every=20, keep_checkpoints=2,
+        dataset="shapes", image_size=16, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+        attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=32,
+        epochs=0, max_steps=1000, time_budget="5m", lr=1e-3, warmup_steps=100, ema_decay=0.995, num_workers=0,
+        save_every=500, sample_every=500, log_every=20, keep_checkpoints=2,
     ),
 }
 

@@ -36,8 +36,8 @@ PRETRAINED_RUN = "pretrained"  # the run name outputs go under for --pretrained
 class DeviceOptions:
     """Where and how fast to run the network. Every field is a --flag of the same name (see --help)."""
 
-    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, none on CPU), none, fp16, "
-                                  "bf16")
+    amp: str = flag_field("auto", "mixed precision: auto (default: bf16 or fp16 on CUDA, bf16 on CPUs with AMX or "
+                                  "AVX-512 BF16, none on other CPUs), none, fp16, bf16")
     device: str = flag_field("auto", "auto (default: CUDA when available), cpu or cuda")
     compile: bool = flag_field(False, "torch.compile the network; for sampling with inductor's freezing (on CUDA with "
                                       "CUDA graphs too), which pays off after a few hundred network calls "

@@ -87,6 +87,7 @@ class SampleOptions(inference.SamplingOptions):
     mask: str = flag_field("", "inpainting: a black-and-white image the size of --init-image; WHITE pixels are "
                                "repainted, BLACK pixels are kept from the input")
     out: str = flag_field("", "folder for the images (default results/images/RUN/)")
+    zoom: int = flag_field(1, "show each pixel of the grid as N x N pixels, for small images (default 1)")
     format: str = flag_field("grid", "grid (default: one PNG), png (one PNG per image) or npz (uint8 array arr_0 "
                                      "of shape (N, H, W, 3), as OpenAI's FID tools read)")
     gif: bool = flag_field(False, f"animate the reverse process of up to {GIF_SAMPLES} samples (x_t above the "
@@ -116,7 +117,7 @@ def check_options(opts):
     inference.check_sampling(opts)
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
-    for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size)):
+    for flag, value in (("--num-samples", opts.num_samples), ("--batch-size", opts.batch_size), ("--zoom", opts.zoom)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if not 0 <= opts.strength <= 1:
@@ -216,15 +217,20 @@ def output_stem(kind, opts):
     return stem
 
 
-def save_samples(images, folder, stem, file_format, nrow, labels=None, header=None):
+def save_samples(images, folder, stem, file_format, nrow, labels=None, header=None, zoom=1):
     """Write images (N, C, H, W) in [-1, 1] as a grid PNG, a folder of PNGs, or an npz; returns the new path.
 
     header: images for the grid's first row (the input and the mask of image to image), padded with white.
+    zoom: the grid shows each pixel as zoom x zoom pixels (nearest neighbour), for small images.
     """
     import imageio.v3 as iio
 
     folder.mkdir(parents=True, exist_ok=True)
     if file_format == "grid":
+        if zoom > 1:
+            images = torch.nn.functional.interpolate(images, scale_factor=zoom, mode="nearest")
+            if header is not None:
+                header = torch.nn.functional.interpolate(header, scale_factor=zoom, mode="nearest")
         if header is not None:
             nrow = max(nrow, len(header))
             padding = torch.ones(nrow - len(header), *header.shape[1:])  # white
@@ -369,7 +375,7 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     header = None
     if init_image is not None:
         header = init_image if keep_mask is None else torch.cat([init_image, init_image * keep_mask])  # grey = repaint
-    return [save_samples(images, image_dir, output_stem(kind, opts), opts.format, nrow, labels, header)]
+    return [save_samples(images, image_dir, output_stem(kind, opts), opts.format, nrow, labels, header, opts.zoom)]
 
 
 def main(argv=None):

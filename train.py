@@ -154,9 +154,9 @@ class RunLog:
             return
         self.progress.total = state.total_steps
         self.progress.refresh()
-        images_per_step = self.cfg.batch_size * self.cfg.grad_accum * world_size
+        img_per_sec = self.cfg.batch_size * self.cfg.grad_accum * world_size / budget.step_seconds
         self.progress.write(
-            f"time budget {self.cfg.time_budget}: {budget.step_seconds:.3g} s per step ({images_per_step / budget.step_seconds:.1f} img/s) "
+            f"time budget {self.cfg.time_budget}: {budget.step_seconds:.3g} s per step ({img_per_sec:.1f} img/s) "
             f"over the first {state.step} steps, so {state.total_steps:,} steps in all; the warmup and the "
             f"cosine decay end there, with the last checkpoint and samples (estimated {budget.save_seconds:.2g} s "
             f"per checkpoint, {budget.preview_seconds:.2g} s per preview grid), {TimeBudget.MARGIN:.0%} kept spare")

@@ -160,7 +160,7 @@ def train_step(state, diffusion, micro_batches, device, amp_dtype, distributed=F
     state.bad_steps = 0 if finite else state.bad_steps + 1
     state.step += 1
     state.lr_scheduler.step()
-    utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, cfg.ema_decay))
+    utils.update_ema(state.ema_model, state.model, ema_decay_at(state.step, cfg.ema_decay, cfg.ema_gamma))
     return loss_sum, grad_norm, finite
 
 
@@ -173,14 +173,15 @@ class TimeBudget:
     """`train.py --time-budget`: a run that must end, its last checkpoint and samples written, within `seconds` of
     training time (`spent` of it used by earlier sessions of a resumed run).
 
-    It times the first steps (MIN_MEASURED steps at least, and about MEASURE_FRACTION of the budget, but no
-    further than the end of the LR warmup, whose learning rates do not depend on the run's length), then fixes the
-    number of steps with `plan_steps`. So a budgeted run trains exactly like `--max-steps N` with the N it prints,
+    It times the first steps after the SKIPPED ones (MIN_MEASURED steps at least, and about MEASURE_FRACTION of the
+    budget or 30 s, but no further than the end of the LR warmup, whose learning rates do not depend on the run's
+    length), then fixes the number of steps with `plan_steps`. So a budgeted run trains exactly like `--max-steps N` with the N it prints,
     and a resumed run keeps that N. Should the machine get slower, the loop stops early, on time (`over`)."""
 
+    SKIPPED = 3
     MIN_MEASURED = 5
-    MEASURE_FRACTION = 0.03
-    MARGIN = 0.03  # kept free for what the estimate misses (a noisy machine, the loss plot, ...)
+    MEASURE_FRACTION = 0.05
+    MARGIN = 0.05  # kept free for what the estimate misses (a noisy machine, the loss plot, ...)
 
     def __init__(self, seconds, spent=0.0, start=None):
         self.seconds = seconds
@@ -198,10 +199,11 @@ class TimeBudget:
 
     def measured(self, step, last_free_step):
         """Call after every step until it returns True: whether the steps timed so far are enough (then
-        step_seconds holds the mean time per step). The first step is not timed: it allocates memory. It stops
-        timing at `last_free_step` (the warmup's end), after which the learning rate depends on the run's length."""
+        step_seconds holds the mean time per step). It stops timing at `last_free_step` (the warmup's end), after
+        which the learning rate depends on the run's length."""
         now = clock()
-        if self.first is None:
+        # The timer starts after the first SKIPPED steps, which allocate memory and pick kernels, so are slower.
+        if self.first is None or step <= min(self.SKIPPED, max(last_free_step, 2) - 1):
             self.first = (step, now)
             return False
         steps = step - self.first[0]
@@ -295,12 +297,19 @@ def lr_factor(step, cfg, total_steps):
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def ema_decay_at(step, decay):
-    """EMA decay after `step` optimizer steps: min(decay, (1 + step) / (10 + step)).
+def ema_decay_at(step, decay, gamma=0.0):
+    """EMA decay for the update after `step` optimizer steps.
 
-    The warmup keeps the average from being dominated by the random initial weights in short runs;
-    past a few thousand steps it is `decay` itself.
+    gamma = 0: min(decay, (1 + step) / (10 + step)). The warmup keeps the average from being dominated by the random
+    initial weights in short runs; past a few thousand steps it is `decay` itself.
+
+    gamma > 0: the power-function EMA of Karras et al. 2024 (EDM2, eq. 2), (1 - 1 / step) ** (gamma + 1). After
+    t steps the average weighs the weights of step s in proportion to s ** gamma, whatever t is: it always covers
+    the same late fraction of the run (its mean is at (gamma + 1) / (gamma + 2) of the run), so it suits a run whose
+    length a time budget decides. The first update (step 1) copies the weights.
     """
+    if gamma > 0:
+        return (1 - 1 / step) ** (gamma + 1)
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -380,10 +389,10 @@ def resolve_run(preset, overrides, rank=0):
     When resuming, the architecture and the diffusion come from the checkpoint (config.ARCHITECTURE_FIELDS): flags
     that would change them are refused, and training-only flags (say a larger --max-steps) are applied with a notice.
     """
-    if str(overrides.get("time_budget", "")).lower() in ("off", "none"):
-        overrides = {**overrides, "time_budget": ""}
-    cfg = config.get_config(preset, **overrides)
     lengths = [name for name in ("max_steps", "epochs") if name in overrides]
+    if str(overrides.get("time_budget", "")).lower() in ("off", "none") or lengths and "time_budget" not in overrides:
+        overrides = {**overrides, "time_budget": ""}  # a length typed out replaces a preset's time budget
+    cfg = config.get_config(preset, **overrides)
     if cfg.time_budget and lengths:
         raise utils.UsageError(f"--time-budget chooses the number of steps itself, so it cannot go with "
                                f"--{lengths[0].replace('_', '-')}; give one of the two")
@@ -410,10 +419,10 @@ def resolve_run(preset, overrides, rank=0):
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
     planned = state.get("budget_steps")
-    if saved.time_budget and planned and ("time_budget" in changes or lengths) and changes.get("time_budget") != "":
+    if saved.time_budget and planned and changes.get("time_budget", "") != "":
         raise utils.UsageError(f"{path} was trained under --time-budget {saved.time_budget}, which fixed its length "
                                f"at {planned} steps, and a resumed run keeps that schedule; to train on past it, "
-                               f"resume with --time-budget off --max-steps N")
+                               f"resume with --max-steps N instead")
     resumed = dataclasses.replace(saved, **changes, resume=cfg.resume)
     if changes and rank == 0:
         print(f"notice: resuming {path} with changed settings: "

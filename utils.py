@@ -54,12 +54,13 @@ def cpu_has_fast_bf16():
 def resolve_amp(amp, device):
     """The autocast dtype for an `amp` setting on `device`, or None for full fp32.
 
-    `auto` means bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older GPUs, and fp32 on CPU.
+    `auto` means bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older GPUs, bf16 on CPUs that do
+    bf16 in hardware (AMX or AVX-512 BF16, where it is several times faster), and fp32 on other CPUs.
     """
     if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     if amp == "none":
         return None
     if amp == "fp16" and device.type != "cuda":

@@ -17,6 +17,7 @@ import evaluate
 import quality
 from conftest import tiny_checkpoint
 from dataset import make_shapes
+from test_evaluate import run_evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -157,14 +158,6 @@ def test_a_dataset_without_two_classes_is_refused_in_one_sentence(workdir):
 
 
 # --- evaluate.py --metrics classifier ----------------------------------------------------------------------
-
-def run_evaluate(*flags):
-    try:
-        evaluate.main([str(flag) for flag in flags])
-    except SystemExit as exit:
-        return exit.code or 0
-    return 0
-
 
 @pytest.fixture
 def quick_classifier(monkeypatch):

@@ -315,6 +315,12 @@ def test_image_to_image_grid_shows_the_input_first():
     assert run_sample("--run-name", "uncond", "--init-image", path, "--strength", "0.5", *FAST) == 0
     grid = iio.imread(only_file("results/images/uncond", "sdedit_*.png"))
     np.testing.assert_array_equal(grid[2:18, 2:18], pixels)  # make_grid pads every image by 2 pixels
+    # --zoom 3: every pixel of the grid (input row, padding and samples) becomes a 3 x 3 block.
+    assert run_sample("--run-name", "uncond", "--init-image", path, "--strength", "0.5", "--zoom", "3", *FAST) == 0
+    zoomed = iio.imread(sorted(Path("results/images/uncond").glob("sdedit_*.png"))[-1])
+    np.testing.assert_array_equal(zoomed[2:50, 2:50], np.repeat(np.repeat(pixels, 3, axis=0), 3, axis=1))
+    rows = (grid.shape[0] - 2) // 18
+    assert zoomed.shape[0] == rows * 50 + 2  # the 2-pixel gaps between images stay 2 pixels
 
 
 # --- labels and guidance -----------------------------------------------------------------------------------
@@ -400,6 +406,7 @@ BAD_INPUTS = {
                                             "checkpoints: cond, uncond); choose one with --run-name, or train one "
                                             "with `python train.py --preset demo`"),
     "missing checkpoint": (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    "zero zoom": (["--run-name", "uncond", "--zoom", "0"], "--zoom must be at least 1, got 0"),
     "corrupt checkpoint": (["--checkpoint", "corrupt.pt"], "checkpoint corrupt.pt cannot be read"),
     "too many steps": (["--run-name", "uncond", "--steps", "21"], "--steps 21 is more than the model's 20 "
                                                                   "timesteps"),

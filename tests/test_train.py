@@ -461,6 +461,25 @@ def test_ema_update_is_the_documented_average():
     assert training.ema_decay_at(10**7, 0.9999) == 0.9999
 
 
+def test_the_power_function_ema_weighs_step_s_by_s_to_the_gamma():
+    # The weights after step s are the number v_s; the EMA after t steps is sum_s c_s v_s. For gamma = 1 the
+    # coefficients are exactly (2s - 1) / t^2 (the product of (1 - 1/k)^2 telescopes to (s / t)^2).
+    values = torch.randn(50, dtype=torch.float64)
+    ema = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    for step, value in enumerate(values, start=1):
+        beta = training.ema_decay_at(step, 0.9999, gamma=1.0)
+        ema.data = beta * ema.data + (1 - beta) * value
+    steps = torch.arange(1, 51, dtype=torch.float64)
+    assert ema.item() == pytest.approx(((2 * steps - 1) / 50 ** 2 * values).sum().item(), rel=1e-12)
+    # For gamma = 7 the average sits at about (gamma + 1) / (gamma + 2) of any run's length.
+    for length in (100, 10_000):
+        mean_step = 0.0
+        for step in range(1, length + 1):
+            beta = training.ema_decay_at(step, 0.9999, gamma=7.0)
+            mean_step = beta * mean_step + (1 - beta) * step
+        assert mean_step / length == pytest.approx(8 / 9, rel=0.01)
+
+
 def test_ema_weights_are_updated_after_every_step_and_saved():
     assert run_train("--run-name", "r", "--max-steps", "3", "--ema-decay", "0.5", "--save-every", "1",
                      "--keep-checkpoints", "5") == 0
@@ -538,6 +557,9 @@ def test_bf16_on_a_cpu_without_fast_bf16_warns_to_use_fp32(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert ("neither AMX nor AVX-512 BF16" in err and "--amp none" in err) != fast
     assert utils.resolve_amp("none", torch.device("cpu")) is None and not capsys.readouterr().err
+    # auto: bf16 where the CPU does it in hardware, float32 elsewhere, and no warning either way.
+    assert utils.resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if fast else None)
+    assert not capsys.readouterr().err
 
 
 def test_fp16_on_cpu_is_refused_with_a_sentence(capsys):
@@ -805,13 +827,13 @@ def test_a_time_budget_run_trains_exactly_like_max_steps_with_the_number_it_chos
     one_second_per_step(monkeypatch)
     assert run_train("--run-name", "budget", "--time-budget", "30s", "--warmup-steps", "3") == 0
     out = capsys.readouterr().out
-    # Steps 2-3 are timed (the warmup ends at 3), then 30 s x 0.97 less the 3 s spent leaves 26 more steps.
-    assert "time budget 30s: 1 s per step" in out and "so 29 steps in all" in out
+    # Steps 2-3 are timed (the warmup ends at 3), then 30 s x 0.95 less the 3 s spent leaves 25 more steps.
+    assert "time budget 30s: 1 s per step" in out and "so 28 steps in all" in out
     budget_run = weights("budget")
-    assert budget_run["step"] == 29 and budget_run["budget_steps"] == 29
-    assert budget_run["train_seconds"] == pytest.approx(29.0)
+    assert budget_run["step"] == 28 and budget_run["budget_steps"] == 28
+    assert budget_run["train_seconds"] == pytest.approx(28.0)
 
-    assert run_train("--run-name", "fixed", "--max-steps", "29", "--warmup-steps", "3") == 0
+    assert run_train("--run-name", "fixed", "--max-steps", "28", "--warmup-steps", "3") == 0
     assert_same_state(budget_run, weights("fixed"))
 
 
@@ -822,7 +844,7 @@ def test_a_resumed_budget_run_keeps_its_plan_and_does_not_count_the_pause(monkey
     one_second_per_step(monkeypatch, stop_at_call=12)
     assert run_train("--run-name", "parts", "--time-budget", "30s", "--warmup-steps", "3") == 0
     stopped = weights("parts")
-    assert stopped["step"] == 12 and stopped["budget_steps"] == 29 and stopped["train_seconds"] == 12.0
+    assert stopped["step"] == 12 and stopped["budget_steps"] == 28 and stopped["train_seconds"] == 12.0
 
     later = one_second_per_step(monkeypatch)
     later["t"] = 3600.0  # an hour passes while the run is stopped
@@ -844,7 +866,7 @@ def test_the_budget_stops_a_run_on_time_when_the_machine_gets_slower(monkeypatch
     assert run_train("--run-name", "slow", "--time-budget", "30s", "--warmup-steps", "3") == 0
     assert "time budget 30s reached at step" in capsys.readouterr().out
     stopped = weights("slow")
-    assert stopped["step"] < 29 and stopped["train_seconds"] <= 30
+    assert stopped["step"] < 28 and stopped["train_seconds"] <= 30
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -863,7 +885,7 @@ def test_a_planned_budget_run_refuses_another_budget_on_resume(monkeypatch, caps
     one_second_per_step(monkeypatch, stop_at_call=8)
     assert run_train("--run-name", "b", "--time-budget", "30s", "--warmup-steps", "3") == 0
     assert run_train("--run-name", "b", "--time-budget", "1h", "--warmup-steps", "3") == 1
-    assert "fixed its length at 29 steps" in capsys.readouterr().err
-    # Switching the budget off and naming a length trains on, from the same checkpoint.
-    assert run_train("--run-name", "b", "--time-budget", "off", "--max-steps", "10", "--warmup-steps", "3") == 0
-    assert weights("b")["step"] == 10
+    assert "fixed its length at 28 steps" in capsys.readouterr().err
+    # Naming a length instead trains on from the same checkpoint, with the budget switched off.
+    assert run_train("--run-name", "b", "--max-steps", "10", "--warmup-steps", "3") == 0
+    assert weights("b")["step"] == 10 and weights("b")["config"]["time_budget"] == ""

@@ -71,12 +71,12 @@ def test_the_planned_length_is_the_longest_that_fits_with_its_checkpoints_and_pr
 def test_a_budget_times_its_first_steps_then_stops_at_the_warmups_end(monkeypatch):
     now = fake_clock(monkeypatch)
     budget = training.TimeBudget(600.0)
-    for step in range(1, 30):
-        now["t"] += 2.0 if step == 1 else 1.0  # the first step is slower, and not timed
+    for step in range(1, 100):
+        now["t"] += 5.0 if step <= 3 else 1.0  # the first 3 steps are slower, and not timed
         if budget.measured(step, last_free_step=1000):
             break
-    # 3% of 600 s = 18 s of timed steps, at least 5 steps: step 19, 18 timed steps of 1 s.
-    assert (step, budget.step_seconds) == (19, 1.0)
+    # 5% of 600 s = 30 s of timed steps, at least 5 steps: step 33, 30 timed steps of 1 s.
+    assert (step, budget.step_seconds) == (33, 1.0)
     short_warmup = training.TimeBudget(600.0)
     assert [short_warmup.measured(step, last_free_step=4) for step in range(1, 5)] == [False, False, False, True]
 
