@@ -290,7 +290,8 @@ def config_from_dict(values):
         raise ConfigError(f"the saved config has field(s) this version does not know: {', '.join(unknown)}")
     preset = values.get("preset", "cifar10")
     base = asdict(get_config(preset)) if preset in PRESETS else {}
-    return Config(**{**base, **values})
+    # A run saved before time budgets existed had none, whatever its preset has today.
+    return Config(**{**base, "time_budget": "", **values})
 
 
 def save_config(cfg, path):

@@ -123,6 +123,9 @@ def check_options(opts):
                          f"{opts.num_samples} and {opts.batch_size}")
     if sum(bool(source) for source in (opts.samples, opts.checkpoint, opts.pretrained)) > 1:
         raise UsageError("give only one of --samples, --checkpoint and --pretrained")
+    if (opts.dataset or opts.channels) and not opts.samples:
+        raise UsageError("--dataset and --channels name the dataset of --samples; a model is scored on its own "
+                         "dataset")
     if opts.samples and not Path(opts.samples).exists():
         raise UsageError(f"--samples {opts.samples} does not exist; give a folder of PNG images or an .npz file")
     if opts.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
@@ -194,8 +197,11 @@ def samples_dataset(opts, settings, images):
     evaluate.py stored with them; None when neither says."""
     if opts.dataset:
         channels = opts.channels or config.DATASET_CHANNELS.get(opts.dataset, 3)
+        saved = settings.get("config", {})
+        # Only the data fields matter; a one-level U-Net without attention accepts any image size.
         return config.get_config("cifar10", dataset=opts.dataset, data_dir=opts.data_dir, channels=channels,
-                                 image_size=images.shape[1])
+                                 image_size=images.shape[1], channel_mults=(1,), attn_resolutions=(),
+                                 num_classes=saved.get("num_classes", 0))
     if "config" in settings:
         return config.config_from_dict(settings["config"])
     return None

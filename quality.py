@@ -44,6 +44,7 @@ CLASSIFIER_VERSION = 1  # bump when the network or its training changes, so that
 CONFIDENCE = 0.9
 FOLDER_HOLDOUT = 10  # a folder has no test split: every FOLDER_HOLDOUT-th image (in a seeded order) is held out
 CALIBRATION_SAMPLES = 1000
+MIN_IMAGES = 10  # images to train the classifier on, at least (and 2 held out, to measure it and calibrate)
 
 
 class QualityError(config.UserError):
@@ -99,6 +100,14 @@ def load_splits(cfg):
         return images[kept], labels[kept], images[held_out], labels[held_out], names
     test_images, test_labels = _as_uint8(datasets.build_dataset(cfg, train=False))
     return images, labels, test_images, test_labels, names
+
+
+def check_sizes(cfg, train_images, held_out_images):
+    """Raise QualityError when the dataset is too small for the classifier metric."""
+    if len(train_images) < MIN_IMAGES or len(held_out_images) < 2:
+        total = len(train_images) + len(held_out_images)
+        raise QualityError(f"the classifier metric needs at least {2 * FOLDER_HOLDOUT} images in {cfg.data_dir} "
+                           f"(2 of them are held out to measure it), but it holds {total}")
 
 
 def fingerprint(images, labels):
@@ -213,6 +222,8 @@ class QualityMetric:
         """cfid, confident, balance (and accuracy, given the labels asked for) of uint8 images (N, C, H, W), or
         (N, H, W, 3) as sample.py and evaluate.py store them: 3 channels are averaged for a grayscale dataset."""
         images = to_classifier_layout(images, self.image_shape)
+        if len(images) < 2:
+            raise QualityError(f"the classifier metric needs at least 2 images to compare, got {len(images)}")
         features, probabilities = run_classifier(self.classifier, images)
         mu, sigma = gaussian_stats(features.numpy())
         confidence, predicted = probabilities.max(dim=1)
@@ -253,6 +264,7 @@ def load_metric(cfg, log=print, cache_dir=None):
     data/classifiers/ when its images have not changed, else trained (about a minute on a CPU) and saved there."""
     cache_dir = Path(cache_dir or CLASSIFIER_DIR)
     train_images, train_labels, test_images, test_labels, names = load_splits(cfg)
+    check_sizes(cfg, train_images, test_images)
     key = fingerprint(train_images, train_labels)
     path = cache_dir / f"{dataset_label(cfg)}-{cfg.image_size}px-{cfg.channels}ch-{key}.pt"
     if path.is_file():
@@ -327,11 +339,11 @@ def main(argv=None):
     if args.channels is None and args.dataset in config.DATASET_CHANNELS:
         args.channels = config.DATASET_CHANNELS[args.dataset]
     try:
+        if num_images < MIN_IMAGES:
+            raise QualityError(f"--num-images must be at least {MIN_IMAGES}, got {num_images}")
         cfg = config.config_from_args(args)
         metric = load_metric(cfg)
         held_out = load_splits(cfg)[2]
-        if num_images < 10:
-            raise QualityError(f"--num-images must be at least 10, got {num_images}")
         rows = calibrate(metric, held_out, min(num_images, len(held_out)))
     except config.UserError as error:
         config.fail(error)

@@ -253,8 +253,8 @@ def train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, d
                 budget.save_seconds = 2 * time_serialisation(state)
                 budget.preview_seconds = preview_seconds(cfg, budget.step_seconds) if cfg.sample_every else 0.0
                 # Every process must train the same number of steps: rank 0's plan is everyone's.
-                state.budget_steps = state.total_steps = broadcast(budget.plan_steps(state.step, cfg), distributed,
-                                                                   device)
+                state.budget_steps = broadcast(budget.plan_steps(state.step, cfg), distributed, device)
+                state.total_steps = state.budget_steps
                 planning = False
                 log.planned(state, budget, world_size)
             log.step(state, loss, grad_norm, finite, images_per_step, state.total_steps)

@@ -208,11 +208,10 @@ class TimeBudget:
             return False
         steps = step - self.first[0]
         seconds = now - self.first[1]
+        # Kept up to date at every step: under DDP another rank may decide that the timing is done.
+        self.step_seconds = seconds / steps
         long_enough = seconds >= min(self.MEASURE_FRACTION * self.seconds, 30.0)
-        if steps >= self.MIN_MEASURED and long_enough or step >= max(last_free_step, 2):
-            self.step_seconds = seconds / steps
-            return True
-        return False
+        return steps >= self.MIN_MEASURED and long_enough or step >= max(last_free_step, 2)
 
     def plan_steps(self, step, cfg):
         """The largest N such that N - step more steps at step_seconds each, the checkpoints and preview grids
@@ -221,10 +220,12 @@ class TimeBudget:
         available = self.seconds * (1 - self.MARGIN) - self.elapsed()
 
         def cost(total):
-            saves = (total - 1) // cfg.save_every - step // cfg.save_every + 1  # on the way, and the last one
+            # The loop saves and previews after planning at this step too: count the multiples in [step, total).
+            saves = (total - 1) // cfg.save_every - (step - 1) // cfg.save_every + 1  # on the way, and the last one
             previews = 0
             if cfg.sample_every:
-                previews = total // cfg.sample_every - step // cfg.sample_every + (total % cfg.sample_every != 0)
+                previews = (total // cfg.sample_every - (step - 1) // cfg.sample_every
+                            + (total % cfg.sample_every != 0))
             return (total - step) * self.step_seconds + saves * self.save_seconds + previews * self.preview_seconds
 
         per_step = (self.step_seconds + self.save_seconds / cfg.save_every
@@ -419,6 +420,12 @@ def resolve_run(preset, overrides, rank=0):
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
     planned = state.get("budget_steps")
+    if changes.get("time_budget") and not saved.time_budget:
+        raise utils.UsageError(f"{path} was trained without --time-budget, and a budget can only be set when a run "
+                               f"starts (its schedule depends on it); use --max-steps N to train on, or start a "
+                               f"new --run-name")
+    if saved.time_budget and planned and changes.get("time_budget") == "" and not lengths:
+        changes["max_steps"] = planned  # the budget's guard is off; the length it fixed stays
     if saved.time_budget and planned and changes.get("time_budget", "") != "":
         raise utils.UsageError(f"{path} was trained under --time-budget {saved.time_budget}, which fixed its length "
                                f"at {planned} steps, and a resumed run keeps that schedule; to train on past it, "

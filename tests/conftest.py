@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import config
+import utils
 from model import create_model
 
 # A U-Net small enough to run in milliseconds on a CPU: 16x16 images, two levels, T = 20.
@@ -32,6 +33,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def float32_on_every_cpu(monkeypatch):
+    """--amp auto is bf16 on CPUs with AMX or AVX-512 BF16; the tests compare with float32 results, so every CPU is
+    taken for one without (tests of the bf16 choice set it themselves)."""
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
 
 
 @torch.no_grad()

@@ -213,3 +213,22 @@ def test_an_older_metrics_csv_keeps_its_rows_under_the_new_columns(workdir, quic
     assert tuple(reader.fieldnames) == evaluate.CSV_COLUMNS
     assert rows[0]["run"] == "old" and rows[0]["fid"] == "3.2" and rows[0]["cfid"] == ""
     assert rows[1]["run"] == "new" and rows[1]["cfid"] == "1.5"
+
+
+def test_too_few_images_are_refused_in_one_sentence(workdir, shapes_metric):
+    write_folder(workdir / "few", num_per_class=4)
+    cfg = config.get_config("demo", dataset="folder", data_dir=str(workdir / "few"), channels=1, image_size=16)
+    with pytest.raises(quality.QualityError, match="needs at least 20 images"):
+        quality.load_metric(cfg)
+    metric, test_images, _ = shapes_metric
+    with pytest.raises(quality.QualityError, match="at least 2 images"):
+        metric.score(test_images[:1])
+
+
+def test_foreign_samples_of_any_size_and_the_dataset_flags_without_samples(workdir, quick_classifier, capsys):
+    write_folder(workdir / "pics28", size=28)
+    np.savez("foreign28.npz", arr_0=np.zeros((20, 28, 28, 3), np.uint8))
+    assert run_evaluate("--samples", "foreign28.npz", "--metrics", "classifier", "--dataset", "folder",
+                        "--data-dir", workdir / "pics28", "--channels", "1", "--device", "cpu") == 0
+    assert run_evaluate("--run-name", "x", "--dataset", "shapes", "--device", "cpu") == 1
+    assert "name the dataset of --samples" in capsys.readouterr().err

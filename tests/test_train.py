@@ -827,7 +827,7 @@ def test_a_time_budget_run_trains_exactly_like_max_steps_with_the_number_it_chos
     one_second_per_step(monkeypatch)
     assert run_train("--run-name", "budget", "--time-budget", "30s", "--warmup-steps", "3") == 0
     out = capsys.readouterr().out
-    # Steps 2-3 are timed (the warmup ends at 3), then 30 s x 0.95 less the 3 s spent leaves 25 more steps.
+    # Step 3 is timed (the warmup ends there), then 30 s x 0.95 less the 3 s spent leaves 25 more steps.
     assert "time budget 30s: 1 s per step" in out and "so 28 steps in all" in out
     budget_run = weights("budget")
     assert budget_run["step"] == 28 and budget_run["budget_steps"] == 28
@@ -889,3 +889,14 @@ def test_a_planned_budget_run_refuses_another_budget_on_resume(monkeypatch, caps
     # Naming a length instead trains on from the same checkpoint, with the budget switched off.
     assert run_train("--run-name", "b", "--max-steps", "10", "--warmup-steps", "3") == 0
     assert weights("b")["step"] == 10 and weights("b")["config"]["time_budget"] == ""
+
+
+def test_a_budget_is_set_when_a_run_starts_and_off_keeps_the_planned_length(monkeypatch, capsys):
+    assert run_train("--run-name", "plain", "--max-steps", "3") == 0
+    assert run_train("--run-name", "plain", "--time-budget", "10m") == 1
+    assert "trained without --time-budget" in capsys.readouterr().err
+
+    one_second_per_step(monkeypatch, stop_at_call=8)
+    assert run_train("--run-name", "b", "--time-budget", "30s", "--warmup-steps", "3") == 0
+    assert run_train("--run-name", "b", "--time-budget", "off", "--warmup-steps", "3") == 0
+    assert weights("b")["step"] == 28 and weights("b")["config"]["max_steps"] == 28

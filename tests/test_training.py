@@ -55,17 +55,19 @@ def test_the_planned_length_is_the_longest_that_fits_with_its_checkpoints_and_pr
     cfg = config.get_config("demo", save_every=50, sample_every=40)
     budget = training.TimeBudget(1000.0, spent=100.0)  # 100 s spent by an earlier session
     now["t"] = 20.0
-    budget.step_seconds, budget.save_seconds, budget.preview_seconds = 0.5, 3.0, 7.0
-    total = budget.plan_steps(10, cfg)
+    budget.step_seconds = 0.5
+    budget.save_seconds = 3.0
+    budget.preview_seconds = 7.0
+    total = budget.plan_steps(40, cfg)  # planned after step 40, whose preview grid comes after the plan
     available = 1000 * (1 - training.TimeBudget.MARGIN) - 120
 
     def cost(n):  # the steps, the checkpoints at 50, 100, ... below n and at n, the grids at 40, 80, ... and at n
-        saves = len([s for s in range(11, n) if s % 50 == 0]) + 1
-        previews = len([s for s in range(11, n + 1) if s % 40 == 0]) + (n % 40 != 0)
-        return (n - 10) * 0.5 + 3.0 * saves + 7.0 * previews
+        saves = len([s for s in range(40, n) if s % 50 == 0]) + 1
+        previews = len([s for s in range(40, n + 1) if s % 40 == 0]) + (n % 40 != 0)
+        return (n - 40) * 0.5 + 3.0 * saves + 7.0 * previews
 
     assert cost(total) <= available < cost(total + 1)
-    assert 1000 < total < 1700  # 1,706 steps would fit without the checkpoints and grids
+    assert 1000 < total < 1700  # 1,730 steps would fit without the checkpoints and grids
 
 
 def test_a_budget_times_its_first_steps_then_stops_at_the_warmups_end(monkeypatch):
@@ -77,6 +79,12 @@ def test_a_budget_times_its_first_steps_then_stops_at_the_warmups_end(monkeypatc
             break
     # 5% of 600 s = 30 s of timed steps, at least 5 steps: step 33, 30 timed steps of 1 s.
     assert (step, budget.step_seconds) == (33, 1.0)
+    # Every timed step leaves its mean behind, for when another DDP rank decides that the timing is done.
+    early = training.TimeBudget(600.0)
+    for step in range(1, 6):
+        now["t"] += 2.0
+        early.measured(step, last_free_step=1000)
+    assert early.step_seconds == 2.0
     short_warmup = training.TimeBudget(600.0)
     assert [short_warmup.measured(step, last_free_step=4) for step in range(1, 5)] == [False, False, False, True]
 
