@@ -175,8 +175,8 @@ class TimeBudget:
 
     It times the first steps after the SKIPPED ones (MIN_MEASURED steps at least, and about MEASURE_FRACTION of the
     budget or 30 s, but no further than the end of the LR warmup, whose learning rates do not depend on the run's
-    length), then fixes the number of steps with `plan_steps`. So a budgeted run trains exactly like `--max-steps N` with the N it prints,
-    and a resumed run keeps that N. Should the machine get slower, the loop stops early, on time (`over`)."""
+    length), then fixes the number of steps with `plan_steps`. So a budgeted run trains exactly like
+    `--max-steps N` with the N it prints, and a resumed run keeps that N. Should the machine get slower, the loop stops early, on time (`over`)."""
 
     SKIPPED = 3
     MIN_MEASURED = 5
