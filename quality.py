@@ -203,7 +203,7 @@ def class_balance(predicted, num_classes):
     """Entropy of the histogram of predicted classes, divided by log K: 1 = uniform, 0 = a single class."""
     counts = torch.bincount(predicted, minlength=num_classes).double()
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum() / math.log(num_classes))
+    return float(-(p * p.log()).sum() / math.log(num_classes)) + 0.0  # + 0.0: one class gives 0.0, not -0.0
 
 
 class QualityMetric:
@@ -259,11 +259,11 @@ def dataset_label(cfg):
     return cfg.dataset
 
 
-def load_metric(cfg, log=print, cache_dir=None):
+def load_metric(cfg, log=print, cache_dir=None, splits=None):
     """The QualityMetric of cfg's dataset (dataset, data_dir, image_size, channels): loaded from
     data/classifiers/ when its images have not changed, else trained (about a minute on a CPU) and saved there."""
     cache_dir = Path(cache_dir or CLASSIFIER_DIR)
-    train_images, train_labels, test_images, test_labels, names = load_splits(cfg)
+    train_images, train_labels, test_images, test_labels, names = splits or load_splits(cfg)
     check_sizes(cfg, train_images, test_images)
     key = fingerprint(train_images, train_labels)
     path = cache_dir / f"{dataset_label(cfg)}-{cfg.image_size}px-{cfg.channels}ch-{key}.pt"
@@ -342,8 +342,9 @@ def main(argv=None):
         if num_images < MIN_IMAGES:
             raise QualityError(f"--num-images must be at least {MIN_IMAGES}, got {num_images}")
         cfg = config.config_from_args(args)
-        metric = load_metric(cfg)
-        held_out = load_splits(cfg)[2]
+        splits = load_splits(cfg)
+        metric = load_metric(cfg, splits=splits)
+        held_out = splits[2]
         rows = calibrate(metric, held_out, min(num_images, len(held_out)))
     except config.UserError as error:
         config.fail(error)

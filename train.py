@@ -27,8 +27,8 @@ import training
 import utils
 from dataset import build_dataset
 from diffusion import create_diffusion
-from training import (EpochSampler, StopRequest, TimeBudget, TrainingState, infinite_batches, random_flip,
-                      resolve_run, setup_distributed, time_serialisation, train_step)
+from training import (EpochSampler, StopRequest, TimeBudget, TrainingState, any_process, infinite_batches,
+                      random_flip, resolve_run, setup_distributed, time_serialisation, train_step)
 
 PREVIEW_SAMPLES = 36  # images in the 6x6 sample grid logged during training
 PREVIEW_STEPS = 25    # DDIM steps for that grid: cheap, and good enough to watch progress
@@ -249,7 +249,7 @@ def train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, d
                 return (f"stopped: {state.bad_steps} non-finite losses in a row (--max-bad-steps {cfg.max_bad_steps}); "
                         f"try a lower --lr or --amp bf16/none. The last good checkpoint in "
                         f"{utils.CHECKPOINT_DIR / cfg.name} is intact"), True
-            if planning and agreed(budget.measured(state.step, last_free_step), distributed, device):
+            if planning and any_process(budget.measured(state.step, last_free_step), distributed, device):
                 budget.save_seconds = 2 * time_serialisation(state)
                 budget.preview_seconds = preview_seconds(cfg, budget.step_seconds) if cfg.sample_every else 0.0
                 # Every process must train the same number of steps: rank 0's plan is everyone's.
@@ -263,7 +263,7 @@ def train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, d
             if state.step % cfg.save_every == 0 and state.step < state.total_steps and state.bad_steps == 0:
                 save(state, cfg, log, distributed)
             if (cfg.time_budget and not planning and state.step < state.total_steps
-                    and agreed(budget.over(budget.save_seconds + budget.preview_seconds), distributed, device)):
+                    and any_process(budget.over(budget.save_seconds + budget.preview_seconds), distributed, device)):
                 path = finish(state, diffusion, cfg, log, device, amp_dtype, distributed)
                 return (f"time budget {cfg.time_budget} reached at step {state.step} of {state.total_steps} (the "
                         f"machine got slower than its first steps): saved {path}"), False
@@ -286,15 +286,6 @@ def finish(state, diffusion, cfg, log, device, amp_dtype, distributed):
         log.preview(state, diffusion, device, amp_dtype)
     log.finish()
     return path
-
-
-def agreed(flag, distributed, device):
-    """`flag` if any process has it (the processes' clocks differ, and they must take the same branch)."""
-    if not distributed:
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def broadcast(value, distributed, device):

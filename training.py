@@ -362,12 +362,17 @@ class StopRequest:
 
     def requested(self, distributed, device):
         """Whether any process got a signal (all processes must agree, or the next collective hangs)."""
-        stop = self.signal_name is not None
-        if distributed:
-            flag = torch.tensor([int(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        return any_process(self.signal_name is not None, distributed, device)
+
+
+def any_process(flag, distributed, device):
+    """Whether `flag` is true on any process: the processes must take the same branch after it (or the next
+    collective hangs), and their clocks and signals differ."""
+    if not distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def setup_distributed():

@@ -67,7 +67,7 @@ def test_the_planned_length_is_the_longest_that_fits_with_its_checkpoints_and_pr
         return (n - 40) * 0.5 + 3.0 * saves + 7.0 * previews
 
     assert cost(total) <= available < cost(total + 1)
-    assert 1000 < total < 1700  # 1,730 steps would fit without the checkpoints and grids
+    assert 1000 < total < 1700  # 1,700 steps would fit without the checkpoints and grids
 
 
 def test_a_budget_times_its_first_steps_then_stops_at_the_warmups_end(monkeypatch):
