@@ -376,8 +376,9 @@ class GaussianDiffusion:
             "quadratic"); the model always sees the original timestep indices.
         clip_denoised: clamp each x0_pred and the result to [-1, 1]; dynamic_threshold: with clip_denoised, a
             percentile p in (0, 1) uses dynamic thresholding at p instead (Imagen; 0.995 is usual), 0 = static.
-        generator: draws all noise, x_T included. y, guidance_scale: labels [B] and the classifier-free guidance
-            scale w (1 = conditional, 0 = unconditional).
+        generator: draws all noise, x_T included; or a list of B generators, one per image (samplers.randn).
+            y, guidance_scale: labels [B] and the classifier-free guidance scale w (1 = conditional, 0 =
+            unconditional).
         x_T: the starting noise (drawn with `generator` when None). device: where to sample (default: x_T's device,
             else the model's, else the CPU).
         init_image [1 or B, C, H, W], strength: SDEdit. The chain starts from init_image noised to t0 =

@@ -39,11 +39,17 @@ Outputs (RUN is --run-name; with --samples, the run that wrote them, else their 
 Downloaded once into data/ (offline, put them there by hand): Inception's weights (or pass a copy with
 --inception-weights), CIFAR-10 (cifar-10-python.tar.gz, shared with train.py), and in data/fidelity_cache/ the
 reference's features and statistics.
+
+On several processes or GPUs, `torchrun --nproc_per_node=N evaluate.py ...` shares out the sampling (the same images
+as one process makes, see sample.py), and the first process scores them and writes the results. Until the samples
+are saved, their finished batches are kept in results/images/RUN/unfinished/, so that a stopped evaluation goes on
+from where it stopped when the same command runs again.
 """
 
 import csv
 import dataclasses
 import json
+import sys
 import time
 import urllib.error
 from dataclasses import dataclass
@@ -60,6 +66,7 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 
 import config
 import inference
+import jobs
 import quality
 import utils
 from config import flag_field
@@ -216,36 +223,46 @@ def load_quality_metric(data_cfg):
 
 
 def sample_images(opts, loaded, device, amp_dtype):
-    """opts.num_samples images from the loaded model: uint8 (N, H, W, 3), the labels asked for (or None), and the
-    settings used."""
+    """opts.num_samples images from the loaded model, made by all processes: uint8 (N, H, W, 3) on the first process
+    (None on the others), the labels asked for (or None), the settings used, and the job to close once they are
+    saved."""
     cfg = loaded.cfg
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(cfg, opts))
     # A model trained with labels gets every class equally often, as CIFAR-10 has them.
     labels = torch.arange(opts.num_samples) % cfg.num_classes if cfg.num_classes > 0 else None
     amp = str(amp_dtype).removeprefix("torch.") if amp_dtype else "none"
-    print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {opts.steps} steps, on "
-          f"{device}, amp {amp}")
+    if jobs.first_process():
+        print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {opts.steps} steps, on "
+              f"{device}, amp {amp}")
     model = inference.prepare_for_sampling(loaded.model, device, amp_dtype, opts.compile)
-    images = inference.generate(model, create_diffusion(cfg), cfg, opts, opts.num_samples, device=device,
-                                batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels)
     settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=opts.steps,
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
                     ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold,
                     labels="cycle" if labels is not None else "none",  # image i asked for class i % K
                     config=config.config_to_dict(cfg))
-    return utils.to_uint8(images), labels, settings
+    images, job = jobs.make_images(model, create_diffusion(cfg), cfg, opts, opts.num_samples,
+                                   image_dir=utils.RESULTS_DIR / "images" / loaded.run,
+                                   name=f"{samples_stem(settings, opts.num_samples)}_seed{opts.seed}", device=device,
+                                   batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels)
+    return images, labels, settings, job
 
 
-def save_samples(images, settings):
-    """Write uint8 images (N, H, W, 3) to results/images/RUN/eval_*.npz as arr_0 (what sample.py --format npz
-    writes), with the settings that made them, so that --samples scores them again; returns the path."""
-    stem = f"eval_{settings['sampler']}_{settings['steps']}steps_{len(images)}"
+def samples_stem(settings, num_samples):
+    """The name of the samples' file without its suffix, e.g. eval_ddim_100steps_50000_w3."""
+    stem = f"eval_{settings['sampler']}_{settings['steps']}steps_{num_samples}"
     if settings.get("ddpm_variance", "auto") != "auto":
         stem += f"_{settings['ddpm_variance']}"
     if settings["guidance"] != 1:
         stem += f"_w{settings['guidance']:g}"
     if settings.get("dynamic_threshold"):
         stem += f"_dt{settings['dynamic_threshold']:g}"
+    return stem
+
+
+def save_samples(images, settings):
+    """Write uint8 images (N, H, W, 3) to results/images/RUN/eval_*.npz as arr_0 (what sample.py --format npz
+    writes), with the settings that made them, so that --samples scores them again; returns the path."""
+    stem = samples_stem(settings, len(images))
     path = utils.unique_path(utils.RESULTS_DIR / "images" / settings["run"] / f"{stem}.npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, arr_0=images, settings=json.dumps(settings))
@@ -350,11 +367,15 @@ def write_results(record):
 
 # --- the script -----------------------------------------------------------------------------------------
 
-def run(opts):
+def run(opts, world_size=1):
     """Check what the metrics need, sample (or read) the images, score them and write the results; returns the
-    paths written."""
+    paths written (by the first process, under torchrun)."""
     metrics = check_options(opts)
+    if opts.samples and world_size > 1:
+        raise UsageError("--samples scores saved images in one process; torchrun shares out sampling, so run it as "
+                         "python evaluate.py --samples ...")
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
+    device = jobs.local_device(device)
     start = time.perf_counter()
     written = []
     if opts.samples:
@@ -371,19 +392,29 @@ def run(opts):
         opts = dataclasses.replace(opts, steps=inference.sampling_steps(data_cfg, opts))  # checked before training
     metrics = choose_metrics(metrics, data_cfg)
 
-    # Fetch (or train) what the metrics need before sampling, which can take hours, rather than after it.
+    # Fetch (or train) what the metrics need before sampling, which can take hours, rather than after it; only the
+    # first process scores.
     inception = [name for name in metrics if name in INCEPTION_METRICS]
-    weights = None
-    if inception and opts.feature_extractor == INCEPTION:
-        weights = inception_weights(opts.inception_weights)
-    reference = load_reference(opts.reference) if "fid" in metrics or "kid" in metrics else None
-    quality_metric = load_quality_metric(data_cfg) if "classifier" in metrics else None
+
+    def prepare():
+        weights = None
+        if inception and opts.feature_extractor == INCEPTION:
+            weights = inception_weights(opts.inception_weights)
+        reference = load_reference(opts.reference) if "fid" in metrics or "kid" in metrics else None
+        quality_metric = load_quality_metric(data_cfg) if "classifier" in metrics else None
+        return weights, reference, quality_metric
+
+    prepared = jobs.on_first_process(prepare)
 
     if not opts.samples:
-        images, labels, settings = sample_images(opts, loaded, device, amp_dtype)
+        images, labels, settings, job = sample_images(opts, loaded, device, amp_dtype)
+        if images is None:  # not the first process: its share is made
+            return []
         samples_path = save_samples(images, settings)
+        job.close()
         written.append(samples_path)
         print(f"samples: {samples_path}")
+    weights, reference, quality_metric = prepared
     scores = {}
     if inception:
         if "fid" in metrics and len(images) < PAPER_SAMPLES:
@@ -407,10 +438,17 @@ def run(opts):
 def main(argv=None):
     """The command line: parse the flags, do the work, print every path written; one sentence on a bad input."""
     opts = parse_options(argv)
+    rank, world_size = jobs.join()
     try:
-        written = run(opts)
+        written = run(opts, world_size)
     except config.UserError as error:
-        config.fail(error)
+        if rank == 0:  # every process meets the same mistake; one sentence is enough
+            config.fail(error)
+        sys.exit(1)
+    finally:
+        jobs.leave()
+    if rank != 0:
+        return
     print("wrote:")
     for path in written:
         print(f"  {path}")

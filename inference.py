@@ -5,7 +5,7 @@
     opts.steps = sampling_steps(loaded.cfg, opts)         # the sampler's default: 100
     model = prepare_for_sampling(loaded.model, device, amp_dtype)   # channels-last, weights in the AMP dtype
     images = generate(model, create_diffusion(loaded.cfg), loaded.cfg, opts, 64, device=device,
-                      amp_dtype=amp_dtype)                # (64, C, H, W) in [-1, 1]
+                      amp_dtype=amp_dtype)                # (64, C, H, W) in [-1, 1]; jobs.py for long jobs
 
 Imports config, model, samplers and utils, and no script.
 """
@@ -24,7 +24,7 @@ import config
 from config import flag_field
 from model import create_model
 from pretrained import load_pretrained
-from samplers import DDPM_VARIANCES, SAMPLERS
+from samplers import DDPM_VARIANCES, SAMPLERS, randn
 import utils
 
 
@@ -204,49 +204,90 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
     return model
 
 
-@torch.no_grad()
-def generate(model, diffusion, cfg, opts, num_samples, *, device, batch_size=64, amp_dtype=None, labels=None,
-             init_image=None, strength=1.0, keep_mask=None, return_trajectory=False):
-    """Sample num_samples images as `opts` (a SamplingOptions) says, in batches of batch_size: float32
-    (N, C, H, W) on the CPU, in [-1, 1].
+GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: multiples of it mod 2^32 spread as evenly as any sequence can
 
-    opts.steps must already be resolved (> 0; see sampling_steps). labels: (N,) class labels, or None. init_image
-    (1, C, H, W): SDEdit from it at `strength`; keep_mask (1, 1, H, W), 1 = keep: inpaint it. All noise comes from
-    one CPU generator seeded with opts.seed, so the batch size does not change deterministic samples. With
-    return_trajectory, returns (images, the first batch's trajectory): a list of (t, x_t, x0_pred), as
-    GaussianDiffusion.sample gives it.
+
+def image_seed(seed, index):
+    """The 32-bit seed of image `index` of a job with --seed `seed`: (seed x GOLDEN + index) mod 2^32.
+
+    PyTorch's CPU generator keeps 32 bits of a seed, so (seed, index) has to fit in 32 bits. Within a job the
+    images get consecutive seeds, each its own noise; the multiples of GOLDEN put the jobs of different --seed
+    values far apart: those of seeds 0 ... 9,999 start at least 287,291 seeds from each other, so their jobs of up
+    to that many images never share an image. --seed 0 gives image i the seed i."""
+    return (seed * GOLDEN + index) % 2 ** 32
+
+
+def image_generators(seed, start, count):
+    """One CPU generator for each of the images start ... start + count - 1 of a sampling job: image i draws all of
+    its noise (x_T, and the z of every stochastic step) from its own generator, seeded with image_seed(seed, i). So
+    an image is the same in any batch, and in any process of a torchrun job (jobs.py), for every sampler."""
+    return [torch.Generator().manual_seed(image_seed(seed, index)) for index in range(start, start + count)]
+
+
+def network_calls(diffusion, opts, init_image=None, strength=1.0):
+    """The network calls of one batch: opts.steps, or for SDEdit (an init_image) the chain's steps below its t0."""
+    if init_image is None:
+        return opts.steps
+    return diffusion.sdedit_steps(opts.steps, strength)[1]
+
+
+@torch.no_grad()
+def generate_batch(model, diffusion, cfg, opts, start, count, *, device, amp_dtype=None, labels=None, init_image=None,
+                   strength=1.0, keep_mask=None, return_trajectory=False, on_call=None):
+    """Images start ... start + count - 1 of a sampling job as one batch, as `opts` (a SamplingOptions) says:
+    float32 (count, C, H, W) on the CPU, in [-1, 1].
+
+    opts.steps must already be resolved (> 0; see sampling_steps). labels: (count,) class labels of these images, or
+    None. init_image (1, C, H, W): SDEdit from it at `strength`; keep_mask (1, 1, H, W), 1 = keep: inpaint it.
+    The noise of image i comes from image_generators. on_call() runs at every network call (progress bars). With
+    return_trajectory, returns (images, trajectory): a list of (t, x_t, x0_pred), as GaussianDiffusion.sample gives it.
     """
-    generator = torch.Generator().manual_seed(opts.seed)
     sampler_options = {name: getattr(opts, name) for name in SAMPLERS[opts.sampler].options}
-    # SDEdit runs only the chain's steps below t0 = strength x T (see GaussianDiffusion.sample).
     if init_image is None:
         strength = 1.0  # only image to image has a strength
-    _, steps_per_batch = diffusion.sdedit_steps(opts.steps, strength)  # all of them at strength 1
-    num_batches = math.ceil(num_samples / batch_size)
-    progress = tqdm(total=num_batches * steps_per_batch, unit="step", dynamic_ncols=True,
-                    desc=f"{opts.sampler}, {steps_per_batch} steps x {num_batches} batch(es)")
+    generators = image_generators(opts.seed, start, count)
+    shape = (count, cfg.channels, cfg.image_size, cfg.image_size)
+    x_T = randn(shape, generators, device)
 
     def model_with_progress(*args):
-        progress.update()  # every sampling step calls the model once (guidance batches both calls into one)
+        if on_call is not None:
+            on_call()  # every sampling step calls the model once (guidance batches both calls into one)
         return model(*args)
 
+    with utils.autocast(device, amp_dtype):
+        result = diffusion.sample(
+            model_with_progress, shape, opts.sampler, opts.steps, generator=generators,
+            y=labels.to(device) if labels is not None else None, guidance_scale=opts.guidance_scale, x_T=x_T,
+            return_trajectory=return_trajectory, dynamic_threshold=opts.dynamic_threshold, init_image=init_image,
+            strength=strength, mask=keep_mask, device=device, **sampler_options)
+    if return_trajectory:
+        images, trajectory = result
+        return images.float().cpu(), trajectory
+    return result.float().cpu()
+
+
+def generate(model, diffusion, cfg, opts, num_samples, *, device, batch_size=64, amp_dtype=None, labels=None,
+             init_image=None, strength=1.0, keep_mask=None, return_trajectory=False):
+    """Sample images 0 ... num_samples - 1 as `opts` says, in batches of batch_size (generate_batch), in this
+    process: float32 (N, C, H, W) on the CPU, in [-1, 1]. labels: (N,) class labels, or None. Each image's noise is
+    its own (image_generators), so the batch size does not change the images beyond rounding. With
+    return_trajectory, returns (images, the first batch's trajectory). jobs.py makes long jobs, across processes."""
+    num_batches = math.ceil(num_samples / batch_size)
+    calls = network_calls(diffusion, opts, init_image, strength)
+    progress = tqdm(total=num_batches * calls, unit="step", dynamic_ncols=True,
+                    desc=f"{opts.sampler}, {calls} steps x {num_batches} batch(es)")
     images = []
     trajectory = None
     for start in range(0, num_samples, batch_size):
-        size = min(batch_size, num_samples - start)
-        shape = (size, cfg.channels, cfg.image_size, cfg.image_size)
-        x_T = torch.randn(shape, generator=generator).to(device)
-        y = labels[start:start + size].to(device) if labels is not None else None
+        count = min(batch_size, num_samples - start)
         first = start == 0
-        with utils.autocast(device, amp_dtype):
-            result = diffusion.sample(
-                model_with_progress, shape, opts.sampler, opts.steps, generator=generator, y=y,
-                guidance_scale=opts.guidance_scale, x_T=x_T, return_trajectory=return_trajectory and first,
-                dynamic_threshold=opts.dynamic_threshold, init_image=init_image, strength=strength, mask=keep_mask,
-                device=device, **sampler_options)
+        result = generate_batch(model, diffusion, cfg, opts, start, count, device=device, amp_dtype=amp_dtype,
+                                labels=labels[start:start + count] if labels is not None else None,
+                                init_image=init_image, strength=strength, keep_mask=keep_mask,
+                                return_trajectory=return_trajectory and first, on_call=progress.update)
         if return_trajectory and first:
             result, trajectory = result
-        images.append(result.float().cpu())
+        images.append(result)
     progress.close()
     images = torch.cat(images)
     return (images, trajectory) if return_trajectory else images

@@ -13,8 +13,16 @@
     python sample.py --run-name demo --forward-figure --plot-loss             # forward process, schedules, loss
 
 Samplers and their default --steps: ddpm (ancestral sampling, DDPM Alg. 2: all T steps), ddim (DDIM, 100 steps;
---eta 0 is deterministic) and dpmpp2m (DPM-Solver++(2M), 20 steps). All noise comes from one CPU generator seeded
-by --seed, so a seed gives the same images on a CPU and on a GPU (up to floating-point rounding).
+--eta 0 is deterministic) and dpmpp2m (DPM-Solver++(2M), 20 steps). Image i draws all its noise from its own CPU
+generator, seeded from --seed and i (inference.image_seed), so a seed gives the same images on a CPU and on a GPU (up
+to floating-point rounding), in any batch size, and under torchrun:
+
+    torchrun --nproc_per_node=4 sample.py --run-name demo --format npz --num-samples 50000   # 4 processes (GPUs)
+
+Each process makes every 4th batch and the first one writes the output: the same images, in the same order, as
+one process makes. A job of more batches than processes keeps its finished batches in
+results/images/RUN/unfinished/NAME_seedS/ until its output is written: stopped (Ctrl-C, SIGTERM, a crash), the
+same command goes on from there; other settings are refused rather than mixed.
 
 Image to image (SDEdit, Meng et al. 2022): the --init-image is noised to t0 = strength x T with q(x_t | x_0) and
 denoised from there, so the result keeps the input's layout and takes on the look of the training data;
@@ -42,6 +50,7 @@ differs from the defaults: _large or _small (--ddpm-variance), _w3 (--guidance-s
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +59,7 @@ import torch
 
 import config
 import inference
+import jobs
 import utils
 import visualize
 from config import flag_field
@@ -312,10 +322,16 @@ def plot_run_loss(run, plot_dir):
 
 # --- the script -----------------------------------------------------------------------------------------
 
-def run(opts):
-    """Do what the options ask; returns the paths written."""
+def run(opts, world_size=1):
+    """Do what the options ask; returns the paths written (by the first process, under torchrun)."""
     check_options(opts)
+    single = [flag for flag, on in (("--gif", opts.gif), ("--export-diffusers", opts.export_diffusers),
+                                    ("--plot-loss", opts.plot_loss), ("--forward-figure", opts.forward_figure)) if on]
+    if world_size > 1 and single:
+        raise UsageError(f"{single[0]} runs in one process; torchrun shares out the sampling of images, so run it "
+                         f"as python sample.py ...")
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
+    device = jobs.local_device(device)
     model, cfg, run_name, source, _ = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained,
                                                        opts.ema)
     model.to(device)
@@ -347,15 +363,17 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         if opts.class_grid:
             nrow = max(1, opts.num_samples // len(classes))
             opts = dataclasses.replace(opts, num_samples=nrow * len(classes))
-            print("rows of the class grid: " + ", ".join(names[index] for index in classes))
+            if jobs.first_process():
+                print("rows of the class grid: " + ", ".join(names[index] for index in classes))
     if opts.gif:
         opts = dataclasses.replace(opts, num_samples=min(GIF_SAMPLES, opts.num_samples),
                                    batch_size=min(GIF_SAMPLES, opts.num_samples))
     labels = job_labels(classes, opts.num_samples) if classes else None
     init_image = load_init_image(opts.init_image, cfg) if opts.init_image else None
     keep_mask = load_keep_mask(opts.mask, cfg) if opts.mask else None
-    print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
-          f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
+    if jobs.first_process():
+        print(f"sampling {opts.num_samples} image(s) from {source} with {opts.sampler}, {opts.steps} steps, "
+              f"on {device}" + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else ""))
     sampling = dict(device=device, batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels,
                     init_image=init_image, strength=opts.strength, keep_mask=keep_mask)
 
@@ -370,21 +388,35 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         return [gif, visualize.write_strip(trajectory, utils.unique_path(image_dir / f"{stem}_strip.png"),
                                            STRIP_STEPS)]
 
-    images = inference.generate(model, diffusion, cfg, opts, opts.num_samples, **sampling)
     kind = "inpaint" if opts.mask else "sdedit" if opts.init_image else "classes" if opts.class_grid else "samples"
+    stem = output_stem(kind, opts)
+    images, job = jobs.make_images(model, diffusion, cfg, opts, opts.num_samples, image_dir=image_dir,
+                                   name=f"{stem}_{opts.format}_{opts.num_samples}_seed{opts.seed}", **sampling)
+    if images is None:  # not the first process: it wrote its share into the job
+        return []
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)[:, :cfg.channels].float() / 127.5 - 1  # (N, C, H, W)
     header = None
     if init_image is not None:
         header = init_image if keep_mask is None else torch.cat([init_image, init_image * keep_mask])  # grey = repaint
-    return [save_samples(images, image_dir, output_stem(kind, opts), opts.format, nrow, labels, header, opts.zoom)]
+    path = save_samples(images, image_dir, stem, opts.format, nrow, labels, header, opts.zoom)
+    job.close()
+    return [path]
 
 
 def main(argv=None):
     """The command line: parse the flags, do the work, print every path written; one sentence on a bad input."""
     opts = parse_options(argv)
+    rank, world_size = jobs.join()
     try:
-        written = run(opts)
+        written = run(opts, world_size)
     except config.UserError as error:
-        config.fail(error)
+        if rank == 0:  # every process meets the same mistake; one sentence is enough
+            config.fail(error)
+        sys.exit(1)
+    finally:
+        jobs.leave()
+    if rank != 0:
+        return
     print("wrote:")
     for path in written:
         print(f"  {path}" + (f"/ ({sum(1 for _ in path.iterdir())} files)" if path.is_dir() else ""))

@@ -8,7 +8,7 @@ Every sampler is one function with one signature,
 - predict(x_t, t) -> (eps, x0_pred): the model's prediction at the int timestep t, already guided and clipped
   (`GaussianDiffusion.predictor` builds it);
 - timesteps: the decreasing timesteps to visit; the step after the last lands on the clean image (alpha_bar = 1);
-- generator: draws the noise z of a stochastic sampler;
+- generator: draws the noise z of a stochastic sampler (one generator, or a list of one per image: see randn);
 - on_step(i, x_t, x0_pred, x_prev) -> x_prev: runs after every step (trajectory capture, inpainting);
 - options: the sampler's own settings, with the defaults its registration gives.
 Per-step coefficients are computed once in float64 before the loop, so the loop never waits for the GPU.
@@ -45,7 +45,15 @@ def register(name, default_steps=None, **options):
 
 def randn(shape, generator, device):
     """N(0, I) noise from `generator`, drawn on the generator's own device and moved to `device`, so a seed gives the
-    same noise wherever the model runs (a generator on `device` avoids the copy)."""
+    same noise wherever the model runs (a generator on `device` avoids the copy).
+
+    `generator` is one torch.Generator for the whole batch, or a list of them, one per image: row i of the noise
+    then comes from generator i alone, so an image gets the same noise in any batch (inference.image_generators)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
+        rows = [torch.randn(shape[1:], generator=row, device=row.device) for row in generator]
+        return torch.stack(rows).to(device)
     noise_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=noise_device).to(device)
 

@@ -27,8 +27,9 @@ import training
 import utils
 from dataset import build_dataset
 from diffusion import create_diffusion
-from training import (EpochSampler, StopRequest, TimeBudget, TrainingState, any_process, infinite_batches,
-                      random_flip, resolve_run, setup_distributed, time_serialisation, train_step)
+from training import (EpochSampler, TimeBudget, TrainingState, infinite_batches, random_flip, resolve_run,
+                      time_serialisation, train_step)
+from utils import StopRequest, any_process, setup_distributed
 
 PREVIEW_SAMPLES = 36  # images in the 6x6 sample grid logged during training
 PREVIEW_STEPS = 25    # DDIM steps for that grid: cheap, and good enough to watch progress

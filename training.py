@@ -9,7 +9,7 @@
 The checkpoint format lives in TrainingState alone: what it holds is written by `checkpoint` and read by `restore`
 (sampling reads its "ema", "model", "config" and "step" entries). A new field is one edit there. Everything else
 here is a piece of the loop: the data order that a resume can continue, the learning rate and EMA schedules, the
-gradient step, signals, and the distributed setup.
+gradient step. (Signals and the torchrun setup are in utils.py: sampling uses them too.)
 
 Imports config, model and utils; no script.
 """
@@ -19,8 +19,6 @@ import copy
 import dataclasses
 import io
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -341,51 +339,6 @@ def random_flip(images):
     """
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop checks after each step, so it can save and exit."""
-
-    def __init__(self):
-        self.signal_name = None
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        # A second Ctrl-C interrupts at once, in case the step itself hangs.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def restore(self):
-        """Put back the handlers that were installed before."""
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def requested(self, distributed, device):
-        """Whether any process got a signal (all processes must agree, or the next collective hangs)."""
-        return any_process(self.signal_name is not None, distributed, device)
-
-
-def any_process(flag, distributed, device):
-    """Whether `flag` is true on any process: the processes must take the same branch after it (or the next
-    collective hangs), and their clocks and signals differ."""
-    if not distributed:
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def setup_distributed():
-    """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 0, 1
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_nccl = torch.cuda.is_available()
-    if use_nccl:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_nccl else "gloo")
-    return rank, local_rank, dist.get_world_size()
 
 
 def resolve_run(preset, overrides, rank=0):

@@ -1,4 +1,5 @@
-"""What the scripts share: devices and mixed precision, checkpoint files, EMA, RNG state, metrics, pictures.
+"""What the scripts share: devices and mixed precision, torchrun processes and stop signals, checkpoint files, EMA,
+RNG state, metrics, pictures.
 
 Imports config and no other project module (inference.py holds the shared model loading and sampling of sample.py and evaluate.py).
 """
@@ -9,11 +10,13 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import config
 
@@ -91,6 +94,53 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# --- processes: torchrun and stop signals -------------------------------------------------------
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag the loop checks after each step, so it can save and exit."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        # A second Ctrl-C interrupts at once, in case the step itself hangs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        """Put back the handlers that were installed before."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, distributed, device):
+        """Whether any process got a signal (all processes must agree, or the next collective hangs)."""
+        return any_process(self.signal_name is not None, distributed, device)
+
+
+def any_process(flag, distributed, device):
+    """Whether `flag` is true on any process: the processes must take the same branch after it (or the next
+    collective hangs), and their clocks and signals differ."""
+    if not distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 0, 1
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_nccl = torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    return rank, local_rank, dist.get_world_size()
+
+
 # --- exponential moving average of the weights --------------------------------------------------------
 
 @torch.no_grad()
@@ -140,34 +190,38 @@ def seed_everything(seed):
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 
-def save_checkpoint(state, path):
-    """Write `state` to `path` atomically: a crash at any moment leaves the previous file intact.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsync'd, and the temporary file is then
-    renamed over `path` (an atomic operation on POSIX file systems). A full disk or an unwritable folder raises
-    CheckpointError and leaves nothing half-written behind.
-    """
+def write_atomically(path, write):
+    """Write a file so that a crash at any moment leaves the previous one (or none) intact: write(f) fills a
+    temporary binary file in the same folder, which is flushed, fsync'd and renamed over `path` (an atomic operation
+    on POSIX file systems), and the folder is fsync'd so that the rename survives a power cut. Raises OSError and
+    leaves nothing half-written behind."""
     path = Path(path)
     tmp_path = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp_path, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        # fsync the folder too, so the rename itself survives a power cut.
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as error:
-        raise CheckpointError(f"could not write checkpoint {path} ({error.strerror or error}); "
-                              f"the previous checkpoint is intact") from error
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()  # only still there if something failed before the rename
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically (write_atomically): a crash at any moment leaves the previous file intact.
+    A full disk or an unwritable folder raises CheckpointError."""
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        raise CheckpointError(f"could not write checkpoint {path} ({error.strerror or error}); "
+                              f"the previous checkpoint is intact") from error
 
 
 def load_checkpoint(path, map_location="cpu"):

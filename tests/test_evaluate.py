@@ -330,16 +330,17 @@ def test_guidance_samples_every_class_equally_and_reaches_the_sampler(monkeypatc
     # The CSV keeps both evaluations, each with its own guidance.
     _, rows, _ = results("cond")
     assert [float(row["guidance"]) for row in rows] == [3.0, 1.0]
-    # The guided samples are the EMA model's own DDIM chain at w = 3 with those labels, from seed 0's noise drawn
-    # batch after batch from one generator (as inference.generate draws it); and guidance changes them.
+    # The guided samples are the EMA model's own DDIM chain at w = 3 with those labels, image i's noise drawn from
+    # its own generator (as inference.generate draws it); and guidance changes them.
     path = Path("checkpoints/cond/last.pt")
     model, cfg = inference.load_model_from_checkpoint(path, utils.load_checkpoint(path), use_ema=True)
     model = inference.prepare_for_sampling(model, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
     expected = []
     for start in (0, 5, 10):
         shape = (min(5, 12 - start), 3, 16, 16)
-        x_T = torch.randn(shape, generator=generator)
+        generator = [torch.Generator().manual_seed(inference.image_seed(0, index))
+                     for index in range(start, start + shape[0])]
+        x_T = torch.stack([torch.randn(shape[1:], generator=row) for row in generator])
         with torch.no_grad():
             expected.append(sample(create_diffusion(cfg), model, shape, "ddim", 2, generator=generator,
                                    y=every_class[start:start + 5], guidance_scale=3, x_T=x_T))

@@ -8,6 +8,7 @@ working directory) with two tiny hand-made checkpoints: `uncond` and `cond` (4 s
 import copy
 import csv
 import dataclasses
+import re
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -128,12 +129,15 @@ def test_batches_do_not_change_deterministic_samples():
     torch.testing.assert_close(split, whole, atol=1e-4, rtol=0)
 
 
-def test_one_progress_bar_counts_every_step_of_every_batch(capsys):
+def test_one_progress_bar_counts_the_images_of_every_batch_step_by_step(capsys):
     assert run_sample("--run-name", "uncond", "--num-samples", "5", "--batch-size", "2", "--steps", "4") == 0
-    assert "12/12" in capsys.readouterr().err  # 3 batches x 4 steps
+    err = capsys.readouterr().err
+    assert "5/5 images" in err and "img/s" in err
+    counts = [int(match) for match in re.findall(r"\| (\d+)/5 images", err)]
+    assert counts[0] == 0 and counts[-1] == 5 and set(counts) <= set(range(6))
     random_picture("input.png", seed=0)
     assert run_sample("--run-name", "uncond", "--init-image", "input.png", "--strength", "0.5", *FAST) == 0
-    assert "2/2" in capsys.readouterr().err  # SDEdit from t0 = 10 of 20 runs the 4-step chain's lower half
+    assert "4/4 images" in capsys.readouterr().err
 
 
 def test_pretrained_weights_sample_with_the_ddpm_cifar10_config(monkeypatch, capsys):
@@ -271,14 +275,16 @@ def test_sdedit_strength_one_ignores_the_input_and_lower_strengths_do_not():
 
 def test_sdedit_noises_the_input_to_strength_times_T_with_eq4():
     """Strength 0.5 of T = 20: x_t0 = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps at the paper's t0 = 10 (table
-    index 9), eps the generator's first draw; then only the ceil(0.5 x 4) = 2 steps below t0 run."""
+    index 9), eps image i's first draw from its own generator (seed 5); then only the ceil(0.5 x 4) = 2 steps below
+    t0 run."""
     path, pixels = random_picture("input.png", seed=0)
     model, diffusion, cfg = loaded("uncond")
     init_image = sample.load_init_image(path, cfg)
     _, trajectory = generate(model, diffusion, cfg, init_image=init_image, strength=0.5, seed=5,
                              return_trajectory=True)
     alpha_bar = torch.cumprod(1 - make_beta_schedule("linear", 20), dim=0)[9]
-    eps = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    eps = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(inference.image_seed(5, i)))
+                       for i in range(4)])
     expected = alpha_bar.sqrt() * init_image.double() + (1 - alpha_bar).sqrt() * eps.double()
     assert [t for t, _, _ in trajectory] == [9, 4]
     torch.testing.assert_close(trajectory[0][1].double(), expected, atol=1e-5, rtol=1e-5)
