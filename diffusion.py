@@ -23,7 +23,8 @@ import torch
 from config import BETA_SCHEDULES, LOSS_WEIGHTINGS, OBJECTIVES
 from samplers import SAMPLERS, per_step, randn
 
-SKIP_TYPES = ("uniform", "quadratic")
+SKIP_TYPES = ("uniform", "quadratic", "logsnr", "karras")  # the spacings of a sampler's timesteps
+KARRAS_RHO = 7.0  # EDM's rho (Karras et al. 2022, Eq. 5)
 
 
 def _check(ok, message):
@@ -298,21 +299,57 @@ class GaussianDiffusion:
     def sampling_timesteps(self, steps, top=None, skip_type="uniform"):
         """The timesteps a sampler visits: `steps` ints in decreasing order from top - 1 (top: T, or SDEdit's t0).
 
-        DDIM App. D.2 in the paper's 1-based steps: tau_i = floor(c i) ("uniform") or floor(c i^2) ("quadratic") for
-        i = 1 ... steps, with c such that tau_steps = top; the table index is tau_i - 1. After the smallest, the last
-        step goes to the clean image. (Visiting t = 0 as well, as improved-diffusion does, would leave DPM-Solver++ a
-        second-order step with a very uneven step ratio: five times the error at 20 steps in the Gaussian test.)
+        uniform, quadratic: DDIM App. D.2 in the paper's 1-based steps, tau_i = floor(c i) or floor(c i^2) for
+            i = 1 ... steps, with c such that tau_steps = top; the table index is tau_i - 1. So the smallest is
+            about top / steps - 1, and the step after it goes to the clean image (diffusers calls this uniform
+            spacing "trailing"). (Visiting t = 0 as well, as improved-diffusion does, would leave DPM-Solver++ a
+            second-order step with a very uneven step ratio: five times the error at 20 steps in the Gaussian test.)
+        logsnr: evenly spaced in lambda = log(alpha_t / sigma_t) = log-SNR / 2 from t = top - 1 down to t = 0, as
+            DPM-Solver spaces its steps (Lu et al. 2022, Sec. 3.3; diffusers' use_lu_lambdas).
+        karras: EDM's sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+            rho = 7, with sigma = sqrt((1 - alpha_bar) / alpha_bar) from t = top - 1 down to t = 0 (Karras et al.
+            2022, Eq. 5; diffusers' use_karras_sigmas): short steps near the data, where detail is made.
+        Both visit t = 0 last, the step after it going to the clean image. Their targets fall between the integer
+        timesteps the model was trained on: each is rounded to the nearest in lambda, and targets that round to one
+        timestep are pushed apart, so that there are always `steps` distinct timesteps.
         """
         top = self.num_timesteps if top is None else top
         _check(isinstance(steps, int) and 1 <= steps <= top, f"steps must be an integer from 1 to {top}, got {steps!r}")
         _check(skip_type in SKIP_TYPES, f"skip_type must be one of {', '.join(SKIP_TYPES)}, not {skip_type!r}")
         if skip_type == "uniform":
-            timesteps = [i * top // steps - 1 for i in range(1, steps + 1)]
-        else:
+            return [i * top // steps - 1 for i in range(1, steps + 1)][::-1]
+        if skip_type == "quadratic":
             timesteps = [max(i * i * top // steps ** 2 - 1, 0) for i in range(1, steps + 1)]
-            for i in range(1, steps):  # the first squares fall less than one step apart: keep them distinct
-                timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
+        else:
+            timesteps = self.continuous_spacing(steps, top, skip_type)
+        # Targets less than one timestep apart round to one: push them apart, up from the bottom, then down from
+        # top - 1 (which always leaves them in [0, top - 1], since steps <= top).
+        for i in range(1, steps):
+            timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
+        timesteps[-1] = min(timesteps[-1], top - 1)
+        for i in range(steps - 2, -1, -1):
+            timesteps[i] = min(timesteps[i], timesteps[i + 1] - 1)
         return timesteps[::-1]
+
+    def continuous_spacing(self, steps, top, skip_type):
+        """The logsnr or karras timesteps of sampling_timesteps, rounded, in increasing order (maybe repeated)."""
+        alpha_bar = self.alphas_cumprod_float64[:top]
+        lambdas = 0.5 * (alpha_bar / (1 - alpha_bar)).log()  # decreasing in t
+        lambda_max, lambda_min = lambdas[0].item(), lambdas[-1].item()
+        if steps == 1:
+            targets = torch.tensor([lambda_min], dtype=torch.float64)
+        elif skip_type == "logsnr":
+            targets = torch.linspace(lambda_min, lambda_max, steps, dtype=torch.float64)
+        else:
+            # sigma = sqrt((1 - alpha_bar) / alpha_bar) = exp(-lambda); the ramp runs from sigma_max (t = top - 1).
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+            inverse_rho = 1 / KARRAS_RHO
+            sigma_min, sigma_max = math.exp(-lambda_max), math.exp(-lambda_min)
+            sigmas = (sigma_max ** inverse_rho + ramp * (sigma_min ** inverse_rho - sigma_max ** inverse_rho)) ** KARRAS_RHO
+            targets = -sigmas.log()
+        # The nearest integer timestep in lambda of each target, from the largest t (smallest lambda) down.
+        nearest = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1)  # [steps]
+        return sorted(int(t) for t in nearest)
 
     def step_alpha_bars(self, timesteps):
         """alpha_bar at each visited timestep and at the one after it (1 after the last: the clean image), float64 [N]

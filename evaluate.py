@@ -237,8 +237,8 @@ def sample_images(opts, loaded, device, amp_dtype):
     model = inference.prepare_for_sampling(loaded.model, device, amp_dtype, opts.compile)
     settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=opts.steps,
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
-                    ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold,
-                    labels="cycle" if labels is not None else "none",  # image i asked for class i % K
+                    ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing,
+                    dynamic_threshold=opts.dynamic_threshold, labels="cycle" if labels is not None else "none",  # image i asked for class i % K
                     config=config.config_to_dict(cfg))
     images, job = jobs.make_images(model, create_diffusion(cfg), cfg, opts, opts.num_samples,
                                    image_dir=utils.RESULTS_DIR / "images" / loaded.run,
@@ -252,6 +252,8 @@ def samples_stem(settings, num_samples):
     stem = f"eval_{settings['sampler']}_{settings['steps']}steps_{num_samples}"
     if settings.get("ddpm_variance", "auto") != "auto":
         stem += f"_{settings['ddpm_variance']}"
+    if settings.get("spacing", "uniform") != "uniform":
+        stem += f"_{settings['spacing']}"
     if settings["guidance"] != 1:
         stem += f"_w{settings['guidance']:g}"
     if settings.get("dynamic_threshold"):

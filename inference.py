@@ -24,6 +24,7 @@ import config
 from config import flag_field
 from model import create_model
 from pretrained import load_pretrained
+from diffusion import SKIP_TYPES
 from samplers import DDPM_VARIANCES, SAMPLERS, randn
 import utils
 
@@ -64,6 +65,9 @@ class SamplingOptions(DeviceOptions):
                                             "chain), small (the posterior variance), or auto (default): large for "
                                             "all T steps, small for fewer (far better there: DDIM Table 1)",
                                     DDPM_VARIANCES)
+    timestep_spacing: str = flag_field("uniform", "where the steps fall: uniform (default: evenly in t, as DDIM), "
+                                                  "quadratic (DDIM's, dense near the data), logsnr (evenly in "
+                                                  "log-SNR, as DPM-Solver) or karras (EDM's rho = 7)", SKIP_TYPES)
     dynamic_threshold: float = flag_field(0.0, "dynamic thresholding of the predicted x_0 at this percentile (Imagen; "
                                                "0.995 is usual), against saturated colours at high guidance; 0 "
                                                "(default) clips x_0 to [-1, 1]")
@@ -154,6 +158,8 @@ def check_sampling(opts):
                                        f"{getattr(opts, option)} with {opts.sampler}")
     if not 0 <= opts.eta <= 1:
         raise utils.UsageError(f"--eta must be in [0, 1], got {opts.eta}")
+    if opts.timestep_spacing not in SKIP_TYPES:
+        raise utils.UsageError(f"--timestep-spacing must be one of {', '.join(SKIP_TYPES)}, got {opts.timestep_spacing}")
     if opts.ddpm_variance not in DDPM_VARIANCES:
         raise utils.UsageError(f"--ddpm-variance must be one of {', '.join(DDPM_VARIANCES)}, got {opts.ddpm_variance}")
     if not 0 <= opts.dynamic_threshold < 1:
@@ -258,7 +264,8 @@ def generate_batch(model, diffusion, cfg, opts, start, count, *, device, amp_dty
         result = diffusion.sample(
             model_with_progress, shape, opts.sampler, opts.steps, generator=generators,
             y=labels.to(device) if labels is not None else None, guidance_scale=opts.guidance_scale, x_T=x_T,
-            return_trajectory=return_trajectory, dynamic_threshold=opts.dynamic_threshold, init_image=init_image,
+            return_trajectory=return_trajectory, skip_type=opts.timestep_spacing,
+            dynamic_threshold=opts.dynamic_threshold, init_image=init_image,
             strength=strength, mask=keep_mask, device=device, **sampler_options)
     if return_trajectory:
         images, trajectory = result

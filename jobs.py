@@ -256,7 +256,8 @@ def make_images(model, diffusion, cfg, opts, num_samples, *, image_dir, name, de
     image_dir/unfinished/name until close(): (uint8 (N, H, W, 3) on rank 0 and None on the others, the job)."""
     settings = dict(
         model=fingerprint(model), sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
-        ddpm_variance=opts.ddpm_variance, dynamic_threshold=opts.dynamic_threshold, guidance=opts.guidance_scale,
+        ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing, dynamic_threshold=opts.dynamic_threshold,
+        guidance=opts.guidance_scale,
         seed=opts.seed, num_samples=num_samples, batch_size=batch_size, device=device.type,
         amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none", labels=tensor_digest(labels),
         init_image=tensor_digest(init_image), strength=strength if init_image is not None else 1.0,

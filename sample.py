@@ -31,7 +31,8 @@ strength 0 returns the input, 1 starts from pure noise and ignores it. Only the 
 are kept from the input: after every step the kept pixels are reset to the input noised to that step's level.
 
 Outputs, never overwriting earlier ones (an existing name gets _1, _2, ...); RUN is --run-name. A name carries what
-differs from the defaults: _large or _small (--ddpm-variance), _w3 (--guidance-scale 3), _dt0.995
+differs from the defaults: _large or _small (--ddpm-variance), _karras (--timestep-spacing karras; also _quadratic,
+_logsnr), _w3 (--guidance-scale 3), _dt0.995
 (--dynamic-threshold 0.995), _strength0.6 (image to image):
     results/images/RUN/samples_ddim_100steps.png      --format grid: one PNG grid (classes_*, sdedit_*, inpaint_*
                                                       for --class-grid, --init-image and --mask; the first row of
@@ -218,6 +219,8 @@ def output_stem(kind, opts):
     stem = f"{kind}_{opts.sampler}_{opts.steps}steps"
     if opts.ddpm_variance != "auto":
         stem += f"_{opts.ddpm_variance}"
+    if opts.timestep_spacing != "uniform":
+        stem += f"_{opts.timestep_spacing}"
     if opts.guidance_scale != 1:
         stem += f"_w{opts.guidance_scale:g}"
     if opts.dynamic_threshold:

@@ -1,8 +1,8 @@
 """Tests for diffusion.py: schedules, the forward process, the loss, and every sampler on Gaussian data.
 
-For data x0 ~ N(mu, s^2) the ideal predictor is known in closed form (DESIGN.md section 1), so each sampler can be
-checked without a trained network: its samples must have mean mu and std s, and the deterministic samplers must land
-on the exact end point of the probability-flow ODE. Where it is cheap, results are compared with diffusers.
+For data x0 ~ N(mu, s^2) the ideal predictor is known in closed form (gaussian.py; DESIGN.md section 1), so each
+sampler can be checked without a trained network: its samples must have mean mu and std s, and the deterministic
+samplers must land on the exact end point of the probability-flow ODE. Where it is cheap, results are compared with diffusers.
 """
 
 import math
@@ -13,48 +13,17 @@ import torch
 
 from config import get_config
 from conftest import reference_library
+import gaussian
 import samplers
 from diffusion import GaussianDiffusion, create_diffusion, dynamic_thresholding, make_beta_schedule
+from gaussian import MU, S, exact_ode_endpoint, gaussian_model
 
 T = 1000
-MU, S = 0.3, 0.5  # the Gaussian test data: x0 ~ N(MU, S^2)
 N = 8192  # scalar samples per sampler run
 
 
 def alpha_bars(schedule):
-    """alpha_bar_t for t = 0 ... T-1, computed here in float64 from the betas (not from diffusion.py's tables)."""
-    return torch.cumprod(1 - make_beta_schedule(schedule, T), dim=0)
-
-
-def gaussian_model(objective, schedule="linear", mu=MU, s=S):
-    """The exact predictor for x0 ~ N(mu, s^2 I): E[eps | x_t], E[x0 | x_t] or E[v | x_t], a callable model(x_t, t).
-
-    With a = sqrt(alpha_bar_t), sigma^2 = 1 - alpha_bar_t and x_t = a x0 + sigma eps, x_t is Gaussian with variance
-    a^2 s^2 + sigma^2, and the regression of eps and x0 on x_t gives
-        E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2),   E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (...).
-    """
-    table = alpha_bars(schedule)
-
-    def model(x_t, t):
-        alpha_bar = table[t.cpu()].view(-1, *[1] * (x_t.ndim - 1))
-        a = alpha_bar.sqrt()
-        sigma = (1 - alpha_bar).sqrt()
-        x = x_t.double().cpu()
-        variance = alpha_bar * s ** 2 + 1 - alpha_bar
-        eps = sigma * (x - a * mu) / variance
-        x0 = mu + a * s ** 2 * (x - a * mu) / variance
-        prediction = {"eps": eps, "x0": x0, "v": a * eps - sigma * x0}[objective]
-        return prediction.float().to(x_t.device)
-
-    return model
-
-
-def exact_ode_endpoint(x_T, t_start, schedule="linear", mu=MU, s=S):
-    """Where the probability-flow ODE takes x_T (at timestep t_start) for Gaussian data: the standardised
-    z = (x_t - sqrt(alpha_bar_t) mu) / sqrt(alpha_bar_t s^2 + 1 - alpha_bar_t) is constant along it, so
-    x_0 = mu + s z."""
-    alpha_bar = alpha_bars(schedule)[t_start].item()
-    return mu + s * (x_T.double() - math.sqrt(alpha_bar) * mu) / math.sqrt(alpha_bar * s ** 2 + 1 - alpha_bar)
+    return gaussian.alpha_bars(schedule, T)
 
 
 def make_diffusion(schedule="linear", objective="eps", **kwargs):
@@ -595,6 +564,54 @@ def test_quadratic_spacing_puts_more_steps_at_low_noise():
     assert len(set(timesteps)) == 100 and timesteps[0] == 999 and timesteps[-1] == 0
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("spacing", ["quadratic", "logsnr", "karras"])
+def test_every_spacing_visits_distinct_timesteps_from_the_top(schedule, spacing):
+    diffusion = make_diffusion(schedule)
+    for top in (1000, 300, 7):
+        for steps in sorted({1, 2, 3, 7, 50, 300, 1000} & set(range(1, top + 1))):
+            timesteps = diffusion.sampling_timesteps(steps, top, spacing)
+            assert len(timesteps) == steps and timesteps[0] == top - 1 and timesteps[-1] >= 0
+            assert all(a > b for a, b in zip(timesteps, timesteps[1:]))  # distinct, decreasing
+            if spacing != "quadratic" and steps > 1:
+                assert timesteps[-1] == 0  # logsnr and karras end on the least noisy timestep, as diffusers does
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_logsnr_and_karras_spacings_land_on_their_targets(spacing):
+    """Evenly spaced in lambda = log-SNR / 2 (logsnr), or in sigma^(1/7) with sigma = exp(-lambda) (karras), from
+    t = T - 1 to t = 0: each visited timestep is the nearest one to its target."""
+    table = alpha_bars("linear")
+    lambdas = 0.5 * (table / (1 - table)).log()
+    transform = (lambda lam: lam) if spacing == "logsnr" else (lambda lam: torch.exp(-lam) ** (1 / 7))
+    values = transform(lambdas)  # where the targets are evenly spaced
+    timesteps = make_diffusion().sampling_timesteps(10, skip_type=spacing)
+    targets = torch.linspace(values[999].item(), values[0].item(), 10, dtype=torch.float64)
+    for t, target in zip(timesteps, targets):
+        neighbours = values[max(t - 1, 0):t + 2]
+        assert (values[t] - target).abs() <= (neighbours - target).abs().min() + 1e-12
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+@pytest.mark.parametrize("spacing,option", [("logsnr", "use_lu_lambdas"), ("karras", "use_karras_sigmas")])
+def test_logsnr_and_karras_spacings_match_diffusers(steps, spacing, option):
+    schedulers = reference_library("diffusers.schedulers")
+    scheduler = schedulers.DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="linear", **{option: True})
+    scheduler.set_timesteps(steps)
+    assert make_diffusion().sampling_timesteps(steps, skip_type=spacing) == [int(t) for t in scheduler.timesteps]
+
+
+def test_spacings_change_the_ode_error_as_measured():
+    """gaussian.py's table, in its robust parts: on the linear schedule, DPM-Solver++(2M) at 10-20 steps is most
+    accurate with logsnr spacing and DDIM with quadratic spacing, both far better than uniform."""
+    def error(sampler, steps, spacing):
+        return gaussian.endpoint_error(sampler, steps, spacing, num_samples=1024)
+
+    for steps in (10, 20):
+        assert error("dpmpp2m", steps, "logsnr") < error("dpmpp2m", steps, "uniform") / 2
+        assert error("ddim", steps, "quadratic") < error("ddim", steps, "uniform") * 0.7
+
+
 # --- diffusers as a reference ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ddpm_variance,variance_type", [("large", "fixed_large"), ("small", "fixed_small")])
@@ -689,7 +706,7 @@ def test_create_diffusion_reads_the_config():
     (dict(strength=0.5), "need init_image"),
     (dict(start_t=100), "start_t is no longer an argument of sample"),
     (dict(init_image=torch.zeros(1, 1, 4, 4), strength=1.5), "strength must be in"),
-    (dict(skip_type="cosine"), "skip_type must be one of uniform, quadratic"),
+    (dict(skip_type="cosine"), "skip_type must be one of uniform, quadratic, logsnr, karras"),
     (dict(guidance_scale=3.0), "needs labels y"),
     (dict(y=torch.zeros(2, dtype=torch.long)), "unconditional"),
     (dict(mask=torch.ones(2, 1, 4, 4)), "need init_image"),

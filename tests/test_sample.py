@@ -23,7 +23,7 @@ import sample
 import inference
 import utils
 from conftest import tiny_checkpoint
-from diffusion import create_diffusion, make_beta_schedule
+from diffusion import GaussianDiffusion, create_diffusion, make_beta_schedule
 from samplers import SAMPLERS
 
 FAST = ["--num-samples", "4", "--steps", "4"]
@@ -545,3 +545,17 @@ def test_bf16_guided_samples_are_those_of_the_prepared_model():
     plain, _, _ = loaded("cond", prepared=False)  # float32: another network, other pixels, the same picture
     reference = generate(plain, diffusion, cfg, guidance_scale=3.0, labels=torch.tensor([0, 1, 2, 3]))
     assert (images - reference).abs().mean() < 0.05
+
+
+def test_timestep_spacing_reaches_the_sampler_and_names_the_output(monkeypatch):
+    seen = []
+    original = GaussianDiffusion.sample
+
+    def recording_sample(self, *args, **kwargs):
+        seen.append(kwargs.get("skip_type"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", recording_sample)
+    assert run_sample("--run-name", "uncond", "--timestep-spacing", "karras", *FAST) == 0
+    assert seen == ["karras"] and only_file("results/images/uncond").name == "samples_ddim_4steps_karras.png"
+    assert run_sample("--run-name", "uncond", "--timestep-spacing", "even", *FAST) != 0  # argparse's choices
