@@ -122,6 +122,13 @@ class Config:
     cond_drop_prob: float = flag_field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
     max_bad_steps: int = flag_field(20, "stop the run when this many steps in a row have a non-finite loss")
 
+    # --- progressive distillation (distill.py; distillation.py) ---
+    teacher: str = flag_field("", "distil this checkpoint: the run starts from its EMA weights and model, and learns "
+                                  "to do in one DDIM step what two of its steps do; empty = ordinary training")
+    student_steps: int = flag_field(0, "the student's DDIM steps N (the teacher takes 2N); sampling defaults to it")
+    distill_guidance: float = flag_field(1.0, "classifier-free guidance scale of the teacher's steps, for a model "
+                                              "trained with labels; the student learns the guided result")
+
     def __post_init__(self):
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -192,6 +199,11 @@ def validate(cfg):
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(cfg, name) < 1, f"{name} must be in [0, 1), got {getattr(cfg, name)}")
     _check(cfg.channels in (1, 3), f"channels must be 1 or 3, got {cfg.channels}")
+    if cfg.teacher or cfg.student_steps:
+        _check(bool(cfg.teacher) and 1 <= cfg.student_steps <= cfg.timesteps // 2,
+               f"distillation needs both teacher and student_steps, from 1 to timesteps / 2 = {cfg.timesteps // 2} "
+               f"(got teacher {cfg.teacher!r}, student_steps {cfg.student_steps})")
+    _check(cfg.distill_guidance >= 0, f"distill_guidance must be 0 or more, got {cfg.distill_guidance}")
 
     if cfg.dataset in DATASET_CHANNELS:
         _check(cfg.channels == DATASET_CHANNELS[cfg.dataset],

@@ -49,7 +49,6 @@ from where it stopped when the same command runs again.
 import csv
 import dataclasses
 import json
-import sys
 import time
 import urllib.error
 from dataclasses import dataclass
@@ -439,17 +438,8 @@ def run(opts, world_size=1):
 
 def main(argv=None):
     """The command line: parse the flags, do the work, print every path written; one sentence on a bad input."""
-    opts = parse_options(argv)
-    rank, world_size = jobs.join()
-    try:
-        written = run(opts, world_size)
-    except config.UserError as error:
-        if rank == 0:  # every process meets the same mistake; one sentence is enough
-            config.fail(error)
-        sys.exit(1)
-    finally:
-        jobs.leave()
-    if rank != 0:
+    written = jobs.run_script(run, parse_options(argv))
+    if written is None:  # not the first process under torchrun
         return
     print("wrote:")
     for path in written:

@@ -171,14 +171,17 @@ def check_sampling(opts):
 
 
 def sampling_steps(cfg, opts):
-    """The number of steps to sample this model with: opts.steps, or when it is 0 the sampler's default (ddpm all
-    T, ddim 100, dpmpp2m 20, never more than T). Raises utils.UsageError for options this model cannot follow."""
+    """The number of steps to sample this model with: opts.steps, or when it is 0 a distilled model's student_steps,
+    else the sampler's default (ddpm all T, ddim 100, dpmpp2m 20, never more than T). Raises utils.UsageError for
+    options this model cannot follow."""
     T = cfg.timesteps
     if opts.steps > T:
         raise utils.UsageError(f"--steps {opts.steps} is more than the model's {T} timesteps; use at most {T}")
     if cfg.num_classes == 0 and opts.guidance_scale != 1:
         raise utils.UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels; this one "
                                f"is unconditional, so leave it at 1")
+    if not opts.steps and cfg.student_steps:  # a distilled student: the step count it was trained for
+        return cfg.student_steps
     return opts.steps or min(SAMPLERS[opts.sampler].default_steps or T, T)
 
 

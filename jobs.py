@@ -18,11 +18,13 @@ the settings and continues after the last batch written; with other settings it 
 that one output never mixes images of two settings. Jobs that fit in one round keep nothing on disk.
 """
 
+import datetime
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import config
 import inference
 import utils
 from config import UserError
@@ -39,9 +42,13 @@ class JobStopped(UserError):
     """The job got SIGINT or SIGTERM and stopped after a round; what it made is kept (the message says where)."""
 
 
+JOIN_TIMEOUT = datetime.timedelta(hours=2)  # the other processes wait while the first one downloads or trains a
+                                           # metric's weights (evaluate.py), which can take longer than torch's 10-30 min
+
+
 def join():
     """(rank, world_size): under torchrun, join the process group (gloo on CPUs, NCCL on GPUs, as training does)."""
-    rank, _, world_size = utils.setup_distributed()
+    rank, _, world_size = utils.setup_distributed(JOIN_TIMEOUT)
     return rank, world_size
 
 
@@ -54,6 +61,22 @@ def leave():
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_script(run, opts):
+    """What the main() of sample.py and evaluate.py share: join torchrun's processes (if any), call
+    run(opts, world_size), leave. Returns the paths it wrote on the first process, None on the others; a UserError
+    exits with its one sentence, printed by the first process (every process meets the same mistake)."""
+    rank, world_size = join()
+    try:
+        written = run(opts, world_size)
+    except UserError as error:
+        if rank == 0:
+            config.fail(error)
+        sys.exit(1)
+    finally:
+        leave()
+    return written if rank == 0 else None
 
 
 def local_device(device):
@@ -83,9 +106,10 @@ def on_first_process(function):
 
 
 def fingerprint(model):
-    """A short sha1 of the model's weights (names, shapes, dtypes and values): which model made a job's images."""
+    """A short sha1 of the model's weights (names, shapes, dtypes and values): which model made a job's images.
+    A torch.compile wrapper is seen through (whether it was compiled is a setting of its own)."""
     digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in getattr(model, "_orig_mod", model).state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -107,11 +131,14 @@ class SamplingJob:
         self.batch_size = batch_size
         self.image_shape = tuple(image_shape)  # (H, W, 3): the uint8 images utils.to_uint8 gives
         self.calls_per_batch = max(calls_per_batch, 1)
-        self.device = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        # Where the batches are exchanged: NCCL's side of the group for a GPU job, gloo's for a CPU one.
+        self.device = device if device.type == "cuda" and dist.is_initialized() else torch.device("cpu")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.num_batches = math.ceil(num_images / batch_size)
-        self.keeps_batches = self.num_batches > self.world_size  # one round: nothing to continue from
+        # A new job of one round keeps nothing on disk (there is nothing to continue from); a folder that is there
+        # already is continued in any case.
+        self.keeps_batches = self.num_batches > self.world_size or self.folder.exists()
 
     def write(self, path, write):
         """utils.write_atomically, with an error for people."""
@@ -134,7 +161,6 @@ class SamplingJob:
             return 0
         settings_path = self.folder / "settings.json"
         if not settings_path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.settings, indent=2) + "\n"
             self.write(settings_path, lambda f: f.write(text.encode()))
             return 0
@@ -176,17 +202,29 @@ class SamplingJob:
         stop = utils.StopRequest()
         try:
             for first in range(done, self.num_batches, self.world_size):
-                round_images = self.images_in(first, first + self.world_size)
-                batches = self.make_round(first, make_batch, progress, round_images)
-                if self.rank == 0:
-                    for index, images in batches.items():
-                        if self.keeps_batches:
-                            self.write(self.batch_path(index), lambda f, images=images: np.save(f, images))
-                        else:
-                            kept[index] = images
-                    progress.n = self.images_in(0, first + self.world_size)
-                    progress.refresh()
                 last = min(first + self.world_size, self.num_batches)
+                if last == self.num_batches:
+                    stop.restore()  # the last round: nothing would be kept after it, so a signal acts at once
+                round_images = self.images_in(first, last)
+                batches = self.make_round(first, make_batch, progress, round_images)
+                failure = None
+                if self.rank == 0:
+                    try:
+                        for index, images in batches.items():
+                            if self.keeps_batches:
+                                self.write(self.batch_path(index), lambda f, images=images: np.save(f, images))
+                            else:
+                                kept[index] = images
+                    except UserError as error:
+                        failure = str(error)
+                    progress.n = self.images_in(0, last)
+                    progress.refresh()
+                if dist.is_initialized():  # a write that failed on rank 0 stops every process, with its sentence
+                    shared = [failure]
+                    dist.broadcast_object_list(shared, src=0)
+                    failure = shared[0]
+                if failure is not None:
+                    raise UserError(failure)
                 if last < self.num_batches and stop.requested(dist.is_initialized(), self.device):
                     raise JobStopped(f"stopped by {stop.signal_name or 'a signal'}: {self.images_in(0, last):,} of "
                                      f"{self.num_images:,} images are kept in {self.folder}; run the same command "
@@ -199,7 +237,20 @@ class SamplingJob:
             return None
         if not self.keeps_batches:
             return np.concatenate([kept[index] for index in range(self.num_batches)])
-        return np.concatenate([np.load(self.batch_path(index)) for index in range(self.num_batches)])
+        return np.concatenate([self.read_batch(index) for index in range(self.num_batches)])
+
+    def read_batch(self, index):
+        """A kept batch, checked: uint8 (count, H, W, 3)."""
+        path = self.batch_path(index)
+        expected = (self.images_in(index, index + 1), *self.image_shape)
+        try:
+            images = np.load(path)
+        except (OSError, ValueError):
+            images = None
+        if images is None or images.dtype != np.uint8 or images.shape != expected:
+            raise UserError(f"{path} is damaged or not this job's (expected uint8 images of shape {expected}); "
+                            f"delete it and run again, and the job makes that batch again")
+        return images
 
     def make_round(self, first, make_batch, progress, round_images):
         """Every process makes batch first + rank (if there is one); rank 0 gets them all: {index: uint8 images}."""
@@ -253,17 +304,20 @@ def tensor_digest(tensor):
 def make_images(model, diffusion, cfg, opts, num_samples, *, image_dir, name, device, batch_size, amp_dtype=None,
                 labels=None, init_image=None, strength=1.0, keep_mask=None):
     """Sample images 0 ... num_samples - 1 as inference.generate does, as one job shared by the processes and kept in
-    image_dir/unfinished/name until close(): (uint8 (N, H, W, 3) on rank 0 and None on the others, the job)."""
+    image_dir/unfinished/NAME_MODEL (MODEL: the start of the model's fingerprint) until close(): (uint8 (N, H, W, 3)
+    on rank 0 and None on the others, the job)."""
     settings = dict(
         model=fingerprint(model), sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
         ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing, dynamic_threshold=opts.dynamic_threshold,
         guidance=opts.guidance_scale,
-        seed=opts.seed, num_samples=num_samples, batch_size=batch_size, device=device.type,
+        seed=opts.seed, num_samples=num_samples, batch_size=batch_size, device=device.type, compile=opts.compile,
         amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none", labels=tensor_digest(labels),
         init_image=tensor_digest(init_image), strength=strength if init_image is not None else 1.0,
         mask=tensor_digest(keep_mask))
     calls = inference.network_calls(diffusion, opts, init_image, strength)
-    job = SamplingJob(Path(image_dir) / UNFINISHED / name, settings, num_samples, batch_size,
+    # Named after the output and the model, so that the jobs of two checkpoints never meet; the settings of one
+    # model's job are checked when it goes on.
+    job = SamplingJob(Path(image_dir) / UNFINISHED / f"{name}_{settings['model'][:8]}", settings, num_samples, batch_size,
                       (cfg.image_size, cfg.image_size, 3), calls, device)
 
     def make_batch(start, count, on_call):

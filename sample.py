@@ -21,8 +21,8 @@ to floating-point rounding), in any batch size, and under torchrun:
 
 Each process makes every 4th batch and the first one writes the output: the same images, in the same order, as
 one process makes. A job of more batches than processes keeps its finished batches in
-results/images/RUN/unfinished/NAME_seedS/ until its output is written: stopped (Ctrl-C, SIGTERM, a crash), the
-same command goes on from there; other settings are refused rather than mixed.
+results/images/RUN/unfinished/ until its output is written: stopped (Ctrl-C, SIGTERM, a crash), the same command
+goes on from there; other settings are refused rather than mixed (README: Sampling on several processes).
 
 Image to image (SDEdit, Meng et al. 2022): the --init-image is noised to t0 = strength x T with q(x_t | x_0) and
 denoised from there, so the result keeps the input's layout and takes on the look of the training data;
@@ -51,7 +51,6 @@ _logsnr), _w3 (--guidance-scale 3), _dt0.995
 import argparse
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -408,17 +407,8 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
 
 def main(argv=None):
     """The command line: parse the flags, do the work, print every path written; one sentence on a bad input."""
-    opts = parse_options(argv)
-    rank, world_size = jobs.join()
-    try:
-        written = run(opts, world_size)
-    except config.UserError as error:
-        if rank == 0:  # every process meets the same mistake; one sentence is enough
-            config.fail(error)
-        sys.exit(1)
-    finally:
-        jobs.leave()
-    if rank != 0:
+    written = jobs.run_script(run, parse_options(argv))
+    if written is None:  # not the first process under torchrun
         return
     print("wrote:")
     for path in written:

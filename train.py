@@ -17,16 +17,20 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import config
+import distillation
+import inference
 import training
 import utils
 from dataset import build_dataset
 from diffusion import create_diffusion
+from distillation import ProgressiveDistillation
 from training import (EpochSampler, TimeBudget, TrainingState, infinite_batches, random_flip, resolve_run,
                       time_serialisation, train_step)
 from utils import StopRequest, any_process, setup_distributed
@@ -48,7 +52,10 @@ def setup(argv):
     args = parser.parse_args(argv)
     rank, local_rank, world_size = setup_distributed()
     try:
-        cfg, resume_path, checkpoint = resolve_run(args.preset, config.overrides_from_args(args), rank)
+        overrides = config.overrides_from_args(args)
+        cfg, resume_path, checkpoint = resolve_run(args.preset, overrides, rank)
+        if cfg.teacher and checkpoint is None:  # a new distillation run: the teacher's model and data
+            cfg = distillation.student_config(cfg, load_teacher(cfg)[1], overrides)
         device = utils.resolve_device(cfg.device)
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -56,6 +63,17 @@ def setup(argv):
     except config.UserError as error:
         config.fail(error)
     return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size
+
+
+def load_teacher(cfg):
+    """(the EMA model of the --teacher checkpoint, in eval mode on the CPU, its config, its checkpoint state)."""
+    path = Path(cfg.teacher)
+    state = utils.load_checkpoint(path)
+    # Building the network initialises weights (then replaced) from the global RNG: on a side copy of it, or a
+    # resumed run would draw other noise than the run it continues.
+    with torch.random.fork_rng(devices=[]):
+        model, teacher_cfg = inference.load_model_from_checkpoint(path, state, use_ema=True)
+    return model, teacher_cfg, state
 
 
 def build_loader(cfg, device, rank, world_size):
@@ -199,7 +217,8 @@ def log_preview(ema_model, diffusion, cfg, device, amp_dtype, step, writer, imag
     if cfg.num_classes > 0:
         labels = torch.arange(PREVIEW_SAMPLES, device=device) % cfg.num_classes
     with utils.autocast(device, amp_dtype):
-        images = diffusion.sample(ema_model, shape, sampler="ddim", steps=min(PREVIEW_STEPS, cfg.timesteps),
+        steps = cfg.student_steps or min(PREVIEW_STEPS, cfg.timesteps)  # a distilled student: its own step count
+        images = diffusion.sample(ema_model, shape, sampler="ddim", steps=steps,
                                   x_T=x_T, y=labels, generator=generator)
     path = utils.save_grid(images, image_dir / f"step_{step:07d}.png", nrow=6)
     writer.add_image("samples/ema", utils.make_grid(images, nrow=6), step, dataformats="HWC")
@@ -328,8 +347,18 @@ def main(argv=None):
             if notice:
                 print(f"notice: {notice}")
             print(f"resuming {resume_path} at step {state.step} (epoch {state.epoch})")
-    state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     diffusion = create_diffusion(cfg)
+    if cfg.teacher:  # progressive distillation: the student starts as its teacher, which then stays frozen
+        try:
+            teacher, _, teacher_state = load_teacher(cfg)
+        except config.UserError as error:
+            config.fail(error)
+        if checkpoint is None:
+            state.model.load_state_dict(teacher_state["ema"])
+            state.ema_model.load_state_dict(teacher_state["ema"])
+        teacher = teacher.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        diffusion = ProgressiveDistillation(diffusion, teacher, cfg.student_steps, cfg.distill_guidance)
+    state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     # Without a budget it only counts the training time, which checkpoints keep.
     budget = TimeBudget(config.parse_duration(cfg.time_budget) if cfg.time_budget else math.inf,
                         spent=state.train_seconds, start=start)

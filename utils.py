@@ -128,16 +128,21 @@ def any_process(flag, distributed, device):
     return bool(tensor.item())
 
 
-def setup_distributed():
-    """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise."""
+def setup_distributed(timeout=None):
+    """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise.
+
+    On a machine with GPUs the group has both backends, NCCL for CUDA tensors and gloo for CPU ones, so that
+    --device cpu works there too; a process without a GPU of its own (more processes than GPUs) keeps to the CPU.
+    timeout (a timedelta): how long a collective may wait for the slowest process (torch's default otherwise)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 0, 1
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_nccl = torch.cuda.is_available()
+    use_nccl = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
     if use_nccl:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_nccl else "gloo")
+    options = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_nccl else "gloo", **options)
     return rank, local_rank, dist.get_world_size()
 
 

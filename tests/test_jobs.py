@@ -135,12 +135,28 @@ def test_a_job_with_other_settings_is_refused_and_keeps_its_batches(monkeypatch,
     err = capsys.readouterr().err
     assert f"{folder} holds 2 images of an unfinished job made with other settings (batch_size 2, now 3)" in err
     assert "delete that folder to start afresh (nothing was deleted)" in err
-    # A retrained model is another model, even under the same name and flags.
+    # A retrained model is another model, even under the same name and flags: a job of its own, which leaves this
+    # one alone.
     shutil.rmtree("checkpoints/uncond")
     tiny_checkpoint("uncond", 0, seed=1)
-    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
-    assert "other settings (model " in capsys.readouterr().err
+    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 0
     assert sorted(folder.iterdir()) == kept and json.loads((folder / "settings.json").read_text())["batch_size"] == 2
+    assert list(UNFINISHED.iterdir()) == [folder]
+
+
+def test_a_damaged_batch_is_named_and_a_one_round_job_stops_at_once(monkeypatch, capsys):
+    stop_after_batches(monkeypatch, 3)
+    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
+    monkeypatch.setattr(inference, "generate_batch", GENERATE_BATCH)
+    [folder] = UNFINISHED.iterdir()
+    (folder / "batch_000001.npy").write_bytes(b"not an array")
+    capsys.readouterr()
+    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
+    assert f"{folder / 'batch_000001.npy'} is damaged" in capsys.readouterr().err
+    # A job of one batch keeps nothing, so Ctrl-C interrupts it at once rather than after the batch.
+    stop_after_batches(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample("--run-name", "uncond", "--format", "npz", "--num-samples", "2", "--batch-size", "2", "--steps", "2")
 
 
 def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypatch, capsys):
@@ -154,6 +170,18 @@ def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypat
     assert "2 of 7 images were made before" in result.stdout
     np.testing.assert_array_equal(npz_images(next(Path("results/images/uncond").glob("*.npz"))), expected)
     assert not UNFINISHED.exists()
+
+    # A job of two batches stopped after one, finished by two processes (one round: the first one's batch is
+    # reused, the second made) and then cleaned up.
+    short = ["--num-samples", "4", "--batch-size", "2", "--sampler", "ddpm", "--steps", "3", "--device", "cpu"]
+    assert run_sample("--run-name", "uncond", "--format", "npz", *short, "--out", "short-one") == 0
+    stop_after_batches(monkeypatch, 1)
+    assert run_sample("--run-name", "uncond", "--format", "npz", *short, "--out", "short") == 1
+    result = torchrun(29565, REPO / "sample.py", "--run-name", "uncond", "--format", "npz", *short, "--out", "short")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 4 images were made before" in result.stdout and not Path("short/unfinished").exists()
+    np.testing.assert_array_equal(npz_images(next(Path("short").glob("*.npz"))),
+                                  npz_images(next(Path("short-one").glob("*.npz"))))
 
     # A whole job in two processes, straight through: the same images again.
     result = torchrun(29562, REPO / "sample.py", "--run-name", "uncond", "--format", "npz", *JOB, "--out", "two")

@@ -1,0 +1,115 @@
+"""Progressive distillation (Salimans & Ho 2022): a student whose one DDIM step does what two of its teacher's do.
+
+    objective = ProgressiveDistillation(diffusion, teacher, student_steps=8)   # teacher: a frozen model
+    loss = objective.training_loss(student, x0, y)   # what train.py's step calls in place of the diffusion loss
+
+A round distills a teacher sampled with 2N DDIM steps into a student of N steps; the student then teaches the next
+round (distill.py runs the rounds, each a train.py run). The student's grid is every other timestep of the teacher's
+(GaussianDiffusion.sampling_timesteps(N) is sampling_timesteps(2N)[::2]), so student step k, from t to t'', is the
+teacher's two steps t -> t' -> t''. Algorithm 2 of the paper, in the DDPM symbols alpha_t = sqrt(alpha_bar_t),
+sigma_t = sqrt(1 - alpha_bar_t):
+
+    z_t   = alpha_t x + sigma_t eps                            the training image, noised to a student timestep t
+    z_t'  = DDIM step of the teacher from z_t to t'            (its x0 prediction clipped to [-1, 1], as sampling does)
+    z_t'' = DDIM step of the teacher from z_t' to t''
+    x~    = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+the x0 that takes one DDIM step from z_t exactly to z_t''; when t'' is the clean image, x~ = z_t''. The student
+learns x~ with the paper's truncated-SNR weight, max(SNR_t, 1) ||x~ - x0_student(z_t, t)||^2, whatever it predicts
+(eps, x0 or v: its x0 prediction is derived).
+
+A class-conditional teacher is distilled at a fixed guidance scale (guidance_scale): the teacher's steps are guided,
+and the student learns the guided result from the label alone, so it samples at guidance 1 (its config says so).
+
+Imports config and diffusion; no script.
+"""
+
+import dataclasses
+
+import torch
+
+import config
+from diffusion import GaussianDiffusion
+
+DATA_FIELDS = ("dataset", "data_dir", "random_flip")  # a student learns from its teacher's data unless told otherwise
+
+
+def student_config(cfg, teacher_cfg, overrides):
+    """The config of a new distillation run: `cfg` with the teacher's architecture and diffusion
+    (config.ARCHITECTURE_FIELDS), and its data unless `overrides` (the fields a user set) name other data. A flag
+    that would change the architecture raises ConfigError."""
+    for name in config.ARCHITECTURE_FIELDS:
+        if name in overrides and overrides[name] != getattr(teacher_cfg, name):
+            raise config.ConfigError(f"--{name.replace('_', '-')} {overrides[name]} would change the teacher's model "
+                                     f"(its {name} is {getattr(teacher_cfg, name)}); a student has its teacher's "
+                                     f"architecture")
+    inherited = [*config.ARCHITECTURE_FIELDS, *(name for name in DATA_FIELDS if name not in overrides)]
+    return dataclasses.replace(cfg, **{name: getattr(teacher_cfg, name) for name in inherited})
+
+
+class ProgressiveDistillation:
+    """The distillation loss of one round, with the rest of `diffusion` (sampling, tables) passed through, so that
+    the training loop and its previews use it as they use a GaussianDiffusion."""
+
+    def __init__(self, diffusion, teacher, student_steps, guidance_scale=1.0):
+        if not isinstance(diffusion, GaussianDiffusion):
+            raise TypeError("diffusion must be a GaussianDiffusion")
+        if not (1 <= student_steps and 2 * student_steps <= diffusion.num_timesteps):
+            raise ValueError(f"student_steps must be from 1 to T / 2, got {student_steps}")
+        self.diffusion = diffusion
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student_steps = student_steps
+        self.guidance_scale = guidance_scale
+        teacher_grid = diffusion.sampling_timesteps(2 * student_steps)  # decreasing, from T - 1
+        # Student step k: from teacher_grid[2k] through teacher_grid[2k + 1] to teacher_grid[2k + 2] (-1: clean).
+        padded = teacher_grid + [-1]
+        self.t = torch.tensor(padded[0:-1:2])         # [N] the student's timesteps
+        self.t_mid = torch.tensor(padded[1::2])       # [N] the teacher's step in between
+        self.t_next = torch.tensor(padded[2::2])      # [N] where the student's step lands (-1: the clean image)
+        alpha_bar = torch.cat([diffusion.alphas_cumprod_float64, torch.ones(1, dtype=torch.float64)])  # [-1] -> 1
+        self.alpha_bar = alpha_bar
+
+    def __getattr__(self, name):
+        return getattr(self.diffusion, name)  # sample, num_timesteps, ...: the plain diffusion's
+
+    def coefficients(self, timesteps, like):
+        """(alpha, sigma) at int timesteps [B] (-1 = the clean image: 1, 0), shaped [B, 1, 1, 1] like `like`."""
+        alpha_bar = self.alpha_bar[timesteps].to(like.device)
+        shape = (-1, *[1] * (like.ndim - 1))
+        return alpha_bar.sqrt().float().view(shape), (1 - alpha_bar).sqrt().float().view(shape)
+
+    def teacher_step(self, z, t, t_to, y):
+        """One DDIM step (eta = 0) of the teacher from z at timesteps t [B] to t_to [B] (-1 = clean)."""
+        eps, x0 = self.diffusion.model_predictions(self.teacher, z, t, y, self.guidance_scale, clip_denoised=True)
+        alpha_to, sigma_to = self.coefficients(t_to, z)
+        return alpha_to * x0 + sigma_to * eps
+
+    @torch.no_grad()
+    def target(self, z_t, index, y=None):
+        """The x0 target x~ [B, C, H, W] for student step `index` [B] (0 ... N-1) from z_t (module docstring)."""
+        t = self.t[index].to(z_t.device)
+        t_mid = self.t_mid[index].to(z_t.device)
+        t_next = self.t_next[index].to(z_t.device)
+        z_mid = self.teacher_step(z_t, t, t_mid, y)
+        z_next = self.teacher_step(z_mid, t_mid, t_next, y)
+        alpha_t, sigma_t = self.coefficients(t, z_t)
+        alpha_next, sigma_next = self.coefficients(t_next, z_t)
+        ratio = sigma_next / sigma_t
+        return (z_next - ratio * z_t) / (alpha_next - ratio * alpha_t)
+
+    def training_loss(self, model, x0, y=None, index=None, noise=None):
+        """max(SNR_t, 1) ||x~ - x0_student(z_t, t)||^2, averaged over pixels and the batch, for x0 [B, C, H, W] and
+        student steps `index` [B] drawn uniformly (or given), noise eps [B, C, H, W] (drawn when None); both from
+        torch's global RNG, as GaussianDiffusion.training_loss draws them."""
+        x0 = x0.float()
+        if index is None:
+            index = torch.randint(0, self.student_steps, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)  # (B, C, H, W) order in any layout
+        index = index.cpu()
+        t = self.t[index].to(x0.device)
+        z_t = self.diffusion.q_sample(x0, t, noise)
+        target = self.target(z_t, index, y)
+        _, x0_pred = self.diffusion.model_predictions(model, z_t, t, y)  # the student's x0, unclipped
+        alpha_bar = self.alpha_bar[t.cpu()].to(x0.device)
+        weight = (alpha_bar / (1 - alpha_bar)).clamp(min=1).float()  # truncated SNR: max(SNR_t, 1)
+        return (weight * (target - x0_pred).pow(2).mean(dim=(1, 2, 3))).mean()

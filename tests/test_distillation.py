@@ -1,0 +1,151 @@
+"""distillation.py and distill.py: the target is two teacher DDIM steps, a straight ODE costs nothing to distil, and
+a distillation run is a train.py run (teacher's weights to start, exact resume, rounds, the student's step count
+as the sampling default).
+
+Each test works in its own temporary folder with a tiny hand-made teacher checkpoint (16x16, T = 20).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import distill
+import inference
+import samplers
+import train
+import utils
+from conftest import TINY, randomise_zero_layers_, tiny_checkpoint
+from diffusion import create_diffusion
+from distillation import ProgressiveDistillation
+from model import create_model
+
+TRAIN_FLAGS = ["--batch-size", "4", "--num-workers", "0", "--sample-every", "0", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tiny_checkpoint("teacher", 0, seed=0)
+
+
+def tiny_teacher(objective="v", num_classes=0):
+    cfg = config.get_config("demo", objective=objective, num_classes=num_classes, **TINY)
+    torch.manual_seed(0)
+    return randomise_zero_layers_(create_model(cfg)).eval(), create_diffusion(cfg)
+
+
+@pytest.mark.parametrize("num_classes,guidance", [(0, 1.0), (4, 3.0)])
+def test_the_target_is_what_two_teacher_ddim_steps_reach(num_classes, guidance):
+    # With labels, at a fixed guidance scale: the teacher's steps are guided ones.
+    teacher, diffusion = tiny_teacher(num_classes=num_classes)
+    y = torch.tensor([0, 1, 2, 3]) if num_classes else None
+    objective = ProgressiveDistillation(diffusion, teacher, student_steps=4, guidance_scale=guidance)  # 8 steps
+    grid = diffusion.sampling_timesteps(8)
+    assert objective.t.tolist() == grid[0::2] and objective.t_mid.tolist() == grid[1::2]
+    assert objective.t_next.tolist() == grid[2::2] + [-1]  # the last student step lands on the clean image
+
+    z_t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    predict = diffusion.predictor(teacher, y, guidance)  # the teacher as the samplers see it (x0 clipped)
+    for k in range(4):
+        index = torch.full((4,), k)
+        target = objective.target(z_t, index, y)
+        # The teacher's own DDIM chain from z_t over its steps grid[2k:], recorded after two steps.
+        states = []
+        samplers.ddim_sample(diffusion, predict, z_t, grid[2 * k:], None,
+                             lambda i, x_t, x0_pred, x_prev: states.append(x_prev) or x_prev)
+        z_next = states[1]
+        # One DDIM step from z_t with x0 = target (and the eps it implies) lands on z_next.
+        t, t_next = grid[2 * k], (grid[2 * k + 2] if k < 3 else None)
+        alpha_bar_t = diffusion.alphas_cumprod_float64[t]
+        alpha_bar_next = diffusion.alphas_cumprod_float64[t_next] if t_next is not None else torch.tensor(1.0)
+        eps = (z_t - alpha_bar_t.sqrt() * target) / (1 - alpha_bar_t).sqrt()
+        one_step = alpha_bar_next.sqrt() * target + (1 - alpha_bar_next).sqrt() * eps
+        torch.testing.assert_close(one_step.float(), z_next, atol=2e-4, rtol=0)
+    # A wrong pairing (one teacher step instead of two) would miss: the second state differs from the first.
+    assert (states[1] - states[0]).abs().max() > 0.01
+    if num_classes:  # and guidance changes the target
+        unguided = ProgressiveDistillation(diffusion, teacher, student_steps=4).target(z_t, torch.zeros(4).long(), y)
+        assert (unguided - objective.target(z_t, torch.zeros(4).long(), y)).abs().max() > 0.01
+
+
+class ConstantX0(torch.nn.Module):
+    """Predicts the same clean image c at every x_t and t: its probability-flow ODE is a straight line, on which
+    one DDIM step goes exactly as far as two."""
+
+    def __init__(self, scale=0.0):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.linspace(-0.5, 0.5, 3 * 16 * 16).view(1, 3, 16, 16))
+        self.scale = scale  # > 0: the prediction also depends on x_t, and the ODE bends
+
+    def forward(self, x_t, t):
+        return self.c.expand_as(x_t) + self.scale * x_t
+
+
+def test_a_student_equal_to_a_straight_teacher_has_zero_loss():
+    cfg = config.get_config("demo", objective="x0", **TINY)
+    diffusion = create_diffusion(cfg)
+    x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    straight = ConstantX0()
+    loss = ProgressiveDistillation(diffusion, straight, 4).training_loss(straight, x0)
+    assert loss.item() < 1e-10
+    bent = ConstantX0(scale=0.5)
+    loss = ProgressiveDistillation(diffusion, bent, 4).training_loss(bent, x0)
+    assert loss.item() > 1e-3
+
+
+def weights(run):
+    return utils.load_checkpoint(Path("checkpoints") / run / "last.pt")
+
+
+def test_a_distillation_run_starts_as_its_teacher_and_resumes_bit_for_bit():
+    flags = ["--preset", "demo", "--teacher", "checkpoints/teacher/last.pt", "--student-steps", "2", *TRAIN_FLAGS,
+             "--lr-schedule", "constant", "--warmup-steps", "0"]
+    # Zero steps of learning rate 0 would leave it the teacher: check the start through a 1-step run at lr ~0.
+    train.main([*flags, "--run-name", "first", "--max-steps", "1", "--lr", "1e-30"])
+    teacher_ema = utils.load_checkpoint("checkpoints/teacher/last.pt")["ema"]
+    start = weights("first")
+    for name, tensor in teacher_ema.items():
+        torch.testing.assert_close(start["model"][name], tensor)
+    # The architecture comes from the teacher, whatever the preset says.
+    assert start["config"]["teacher"] == "checkpoints/teacher/last.pt" and start["config"]["student_steps"] == 2
+    assert start["config"]["channel_mults"] == list(TINY["channel_mults"]) and start["config"]["timesteps"] == 20
+
+    train.main([*flags, "--run-name", "straight", "--max-steps", "4"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "2"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "4"])
+    straight, resumed = weights("straight"), weights("stopped")
+    assert straight["step"] == resumed["step"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert any(not torch.equal(tensor, teacher_ema[name]) for name, tensor in straight["model"].items())
+
+
+def test_distill_runs_the_rounds_and_the_student_samples_in_its_steps(capsys):
+    argv = ["--teacher", "teacher", "--start-steps", "4", "--end-steps", "2", "--steps-per-round", "2", *TRAIN_FLAGS]
+    distill.main(argv)
+    first, second = weights("teacher-pd4"), weights("teacher-pd2")
+    assert first["config"]["student_steps"] == 4 and second["config"]["student_steps"] == 2
+    assert second["config"]["teacher"] == str(Path("checkpoints/teacher-pd4/last.pt"))
+    assert first["step"] == second["step"] == 2
+    path = Path("checkpoints/teacher-pd2/last.pt")
+    _, cfg = inference.load_model_from_checkpoint(path, second)
+    assert inference.sampling_steps(cfg, inference.SamplingOptions()) == 2  # the default is the student's
+    assert inference.sampling_steps(cfg, inference.SamplingOptions(steps=5)) == 5
+    # Run again: both rounds are done and skipped.
+    capsys.readouterr()
+    distill.main(argv)
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--start-steps", "6"], "powers of two"),
+    (["--start-steps", "2", "--end-steps", "4"], "powers of two"),
+    (["--start-steps", "16"], "needs a teacher of at least 32 timesteps"),
+    (["--teacher", "nobody"], "run 'nobody' has no checkpoint"),
+])
+def test_distill_refuses_impossible_rounds_in_one_sentence(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        distill.main(["--teacher", "teacher", *flags])
+    assert exit.value.code != 0 and message in capsys.readouterr().err
