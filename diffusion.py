@@ -345,7 +345,8 @@ class GaussianDiffusion:
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
             inverse_rho = 1 / KARRAS_RHO
             sigma_min, sigma_max = math.exp(-lambda_max), math.exp(-lambda_min)
-            sigmas = (sigma_max ** inverse_rho + ramp * (sigma_min ** inverse_rho - sigma_max ** inverse_rho)) ** KARRAS_RHO
+            top_root, bottom_root = sigma_max ** inverse_rho, sigma_min ** inverse_rho
+            sigmas = (top_root + ramp * (bottom_root - top_root)) ** KARRAS_RHO
             targets = -sigmas.log()
         # The nearest integer timestep in lambda of each target, from the largest t (smallest lambda) down.
         nearest = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1)  # [steps]
@@ -409,8 +410,8 @@ class GaussianDiffusion:
         sampler: a name in samplers.SAMPLERS: "ddpm" (ancestral, DDPM Alg. 2), "ddim" (DDIM Eq. 12) or "dpmpp2m"
             (DPM-Solver++(2M)). eta is DDIM's noise scale (0 = deterministic, 1); other samplers' own options go
             in sampler_options, e.g. ddpm_variance="auto" | "large" | "small" (see samplers.ddpm_sample).
-        steps: model evaluations; None = all T. Fewer visit a subset spaced by skip_type ("uniform" or
-            "quadratic"); the model always sees the original timestep indices.
+        steps: model evaluations; None = all T. Fewer visit a subset spaced by skip_type ("uniform", "quadratic",
+            "logsnr" or "karras": sampling_timesteps); the model always sees the original timestep indices.
         clip_denoised: clamp each x0_pred and the result to [-1, 1]; dynamic_threshold: with clip_denoised, a
             percentile p in (0, 1) uses dynamic thresholding at p instead (Imagen; 0.995 is usual), 0 = static.
         generator: draws all noise, x_T included; or a list of B generators, one per image (samplers.randn).

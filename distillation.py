@@ -20,7 +20,7 @@ learns x~ with the paper's truncated-SNR weight, max(SNR_t, 1) ||x~ - x0_student
 A class-conditional teacher is distilled at a fixed guidance scale (guidance_scale): the teacher's steps are guided,
 and the student learns the guided result from the label alone, so it samples at guidance 1 (its config says so).
 
-Imports config and diffusion; no script.
+Imports config; no script.
 """
 
 import dataclasses
@@ -28,7 +28,6 @@ import dataclasses
 import torch
 
 import config
-from diffusion import GaussianDiffusion
 
 DATA_FIELDS = ("dataset", "data_dir", "random_flip")  # a student learns from its teacher's data unless told otherwise
 
@@ -51,8 +50,6 @@ class ProgressiveDistillation:
     the training loop and its previews use it as they use a GaussianDiffusion."""
 
     def __init__(self, diffusion, teacher, student_steps, guidance_scale=1.0):
-        if not isinstance(diffusion, GaussianDiffusion):
-            raise TypeError("diffusion must be a GaussianDiffusion")
         if not (1 <= student_steps and 2 * student_steps <= diffusion.num_timesteps):
             raise ValueError(f"student_steps must be from 1 to T / 2, got {student_steps}")
         self.diffusion = diffusion
@@ -65,8 +62,8 @@ class ProgressiveDistillation:
         self.t = torch.tensor(padded[0:-1:2])         # [N] the student's timesteps
         self.t_mid = torch.tensor(padded[1::2])       # [N] the teacher's step in between
         self.t_next = torch.tensor(padded[2::2])      # [N] where the student's step lands (-1: the clean image)
-        alpha_bar = torch.cat([diffusion.alphas_cumprod_float64, torch.ones(1, dtype=torch.float64)])  # [-1] -> 1
-        self.alpha_bar = alpha_bar
+        # alpha_bar at every timestep, and 1 at index -1: the clean image.
+        self.alpha_bar = torch.cat([diffusion.alphas_cumprod_float64, torch.ones(1, dtype=torch.float64)])
 
     def __getattr__(self, name):
         return getattr(self.diffusion, name)  # sample, num_timesteps, ...: the plain diffusion's
@@ -106,10 +103,11 @@ class ProgressiveDistillation:
         if noise is None:
             noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)  # (B, C, H, W) order in any layout
         index = index.cpu()
-        t = self.t[index].to(x0.device)
+        t = self.t[index]
+        alpha_bar = self.alpha_bar[t].to(x0.device)
+        t = t.to(x0.device)
         z_t = self.diffusion.q_sample(x0, t, noise)
         target = self.target(z_t, index, y)
         _, x0_pred = self.diffusion.model_predictions(model, z_t, t, y)  # the student's x0, unclipped
-        alpha_bar = self.alpha_bar[t.cpu()].to(x0.device)
         weight = (alpha_bar / (1 - alpha_bar)).clamp(min=1).float()  # truncated SNR: max(SNR_t, 1)
         return (weight * (target - x0_pred).pow(2).mean(dim=(1, 2, 3))).mean()

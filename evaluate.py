@@ -237,7 +237,8 @@ def sample_images(opts, loaded, device, amp_dtype):
     settings = dict(run=loaded.run, step=loaded.step, sampler=opts.sampler, steps=opts.steps,
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
                     ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing,
-                    dynamic_threshold=opts.dynamic_threshold, labels="cycle" if labels is not None else "none",  # image i asked for class i % K
+                    dynamic_threshold=opts.dynamic_threshold,
+                    labels="cycle" if labels is not None else "none",  # image i asked for class i % K
                     config=config.config_to_dict(cfg))
     images, job = jobs.make_images(model, create_diffusion(cfg), cfg, opts, opts.num_samples,
                                    image_dir=utils.RESULTS_DIR / "images" / loaded.run,

@@ -7,7 +7,7 @@
     images = generate(model, create_diffusion(loaded.cfg), loaded.cfg, opts, 64, device=device,
                       amp_dtype=amp_dtype)                # (64, C, H, W) in [-1, 1]; jobs.py for long jobs
 
-Imports config, model, samplers and utils, and no script.
+Imports config, diffusion, model, pretrained, samplers and utils, and no script.
 """
 
 import math
@@ -159,7 +159,8 @@ def check_sampling(opts):
     if not 0 <= opts.eta <= 1:
         raise utils.UsageError(f"--eta must be in [0, 1], got {opts.eta}")
     if opts.timestep_spacing not in SKIP_TYPES:
-        raise utils.UsageError(f"--timestep-spacing must be one of {', '.join(SKIP_TYPES)}, got {opts.timestep_spacing}")
+        raise utils.UsageError(f"--timestep-spacing must be one of {', '.join(SKIP_TYPES)}, got "
+                               f"{opts.timestep_spacing}")
     if opts.ddpm_variance not in DDPM_VARIANCES:
         raise utils.UsageError(f"--ddpm-variance must be one of {', '.join(DDPM_VARIANCES)}, got {opts.ddpm_variance}")
     if not 0 <= opts.dynamic_threshold < 1:

@@ -42,8 +42,9 @@ class JobStopped(UserError):
     """The job got SIGINT or SIGTERM and stopped after a round; what it made is kept (the message says where)."""
 
 
-JOIN_TIMEOUT = datetime.timedelta(hours=2)  # the other processes wait while the first one downloads or trains a
-                                           # metric's weights (evaluate.py), which can take longer than torch's 10-30 min
+# The other processes wait while the first one downloads or trains a metric's weights (evaluate.py), which can take
+# longer than torch's default of 10-30 minutes.
+JOIN_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def join():
@@ -120,8 +121,7 @@ class SamplingJob:
 
     folder: where the job keeps its batches until close(); settings: a dict of JSON values, everything that makes
     the images what they are; image_shape: (H, W, 3); calls_per_batch: the network calls of one batch (the progress
-    bar counts them);
-    device: where the processes exchange their batches (the GPU for NCCL, else the CPU).
+    bar counts them); device: where the images are made (a GPU job exchanges its batches through NCCL there).
     """
 
     def __init__(self, folder, settings, num_images, batch_size, image_shape, calls_per_batch, device):
@@ -309,16 +309,15 @@ def make_images(model, diffusion, cfg, opts, num_samples, *, image_dir, name, de
     settings = dict(
         model=fingerprint(model), sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
         ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing, dynamic_threshold=opts.dynamic_threshold,
-        guidance=opts.guidance_scale,
-        seed=opts.seed, num_samples=num_samples, batch_size=batch_size, device=device.type, compile=opts.compile,
-        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none", labels=tensor_digest(labels),
-        init_image=tensor_digest(init_image), strength=strength if init_image is not None else 1.0,
-        mask=tensor_digest(keep_mask))
+        guidance=opts.guidance_scale, seed=opts.seed, num_samples=num_samples, batch_size=batch_size,
+        device=device.type, compile=opts.compile, amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
+        labels=tensor_digest(labels), init_image=tensor_digest(init_image),
+        strength=strength if init_image is not None else 1.0, mask=tensor_digest(keep_mask))
     calls = inference.network_calls(diffusion, opts, init_image, strength)
     # Named after the output and the model, so that the jobs of two checkpoints never meet; the settings of one
     # model's job are checked when it goes on.
-    job = SamplingJob(Path(image_dir) / UNFINISHED / f"{name}_{settings['model'][:8]}", settings, num_samples, batch_size,
-                      (cfg.image_size, cfg.image_size, 3), calls, device)
+    folder = Path(image_dir) / UNFINISHED / f"{name}_{settings['model'][:8]}"
+    job = SamplingJob(folder, settings, num_samples, batch_size, (cfg.image_size, cfg.image_size, 3), calls, device)
 
     def make_batch(start, count, on_call):
         return inference.generate_batch(

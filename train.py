@@ -45,8 +45,9 @@ UNPLANNED = 10 ** 12  # the length of a --time-budget run until it has timed its
 
 def setup(argv):
     """Parse the flags, join the process group, resolve the config and the checkpoint to resume from, and pick the
-    device: (cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size). A user mistake exits
-    with one sentence."""
+    device: (cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state), where
+    teacher_state is the --teacher checkpoint of a distillation run (else None). A user mistake exits with one
+    sentence."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_flags(parser)
     args = parser.parse_args(argv)
@@ -54,26 +55,26 @@ def setup(argv):
     try:
         overrides = config.overrides_from_args(args)
         cfg, resume_path, checkpoint = resolve_run(args.preset, overrides, rank)
-        if cfg.teacher and checkpoint is None:  # a new distillation run: the teacher's model and data
-            cfg = distillation.student_config(cfg, load_teacher(cfg)[1], overrides)
+        teacher_state = utils.load_checkpoint(cfg.teacher) if cfg.teacher else None
+        if teacher_state is not None and checkpoint is None:  # a new distillation run: the teacher's model and data
+            teacher_cfg = config.config_from_dict(teacher_state["config"])
+            cfg = distillation.student_config(cfg, teacher_cfg, overrides)
         device = utils.resolve_device(cfg.device)
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", local_rank)
         amp_dtype = utils.resolve_amp(cfg.amp, device)
     except config.UserError as error:
         config.fail(error)
-    return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size
+    return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state
 
 
-def load_teacher(cfg):
-    """(the EMA model of the --teacher checkpoint, in eval mode on the CPU, its config, its checkpoint state)."""
-    path = Path(cfg.teacher)
-    state = utils.load_checkpoint(path)
+def teacher_model(cfg, teacher_state, device):
+    """The frozen EMA model of the --teacher checkpoint, on `device` in the run's memory format."""
     # Building the network initialises weights (then replaced) from the global RNG: on a side copy of it, or a
     # resumed run would draw other noise than the run it continues.
     with torch.random.fork_rng(devices=[]):
-        model, teacher_cfg = inference.load_model_from_checkpoint(path, state, use_ema=True)
-    return model, teacher_cfg, state
+        model, _ = inference.load_model_from_checkpoint(Path(cfg.teacher), teacher_state, use_ema=True)
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
 
 
 def build_loader(cfg, device, rank, world_size):
@@ -322,7 +323,7 @@ def broadcast(value, distributed, device):
 def main(argv=None):
     start = training.clock()  # a --time-budget counts from here
     # -- setup: processes, config, checkpoint, device --
-    cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size = setup(argv)
+    cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state = setup(argv)
     distributed = world_size > 1
     is_main = rank == 0
     # Each process draws its own noise and timesteps; the seed decides them all.
@@ -348,15 +349,14 @@ def main(argv=None):
                 print(f"notice: {notice}")
             print(f"resuming {resume_path} at step {state.step} (epoch {state.epoch})")
     diffusion = create_diffusion(cfg)
-    if cfg.teacher:  # progressive distillation: the student starts as its teacher, which then stays frozen
+    if teacher_state is not None:  # progressive distillation: the student starts as its teacher, which stays frozen
         try:
-            teacher, _, teacher_state = load_teacher(cfg)
+            teacher = teacher_model(cfg, teacher_state, device)
         except config.UserError as error:
             config.fail(error)
         if checkpoint is None:
             state.model.load_state_dict(teacher_state["ema"])
             state.ema_model.load_state_dict(teacher_state["ema"])
-        teacher = teacher.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         diffusion = ProgressiveDistillation(diffusion, teacher, cfg.student_steps, cfg.distill_guidance)
     state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     # Without a budget it only counts the training time, which checkpoints keep.

@@ -131,18 +131,19 @@ def any_process(flag, distributed, device):
 def setup_distributed(timeout=None):
     """(rank, local_rank, world_size) under torchrun, after joining the process group; (0, 0, 1) otherwise.
 
-    On a machine with GPUs the group has both backends, NCCL for CUDA tensors and gloo for CPU ones, so that
-    --device cpu works there too; a process without a GPU of its own (more processes than GPUs) keeps to the CPU.
-    timeout (a timedelta): how long a collective may wait for the slowest process (torch's default otherwise)."""
+    On a machine with a GPU for every local process the group has both backends, NCCL for CUDA tensors and gloo
+    for CPU ones, so that --device cpu works there too; with fewer GPUs than processes, all keep to gloo (every
+    process decides alike). timeout (a timedelta): how long a collective may wait for the slowest process (None:
+    torch's default)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 0, 1
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_nccl = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    use_nccl = torch.cuda.is_available() and local_processes <= torch.cuda.device_count()
     if use_nccl:
         torch.cuda.set_device(local_rank)
-    options = {"timeout": timeout} if timeout is not None else {}
-    dist.init_process_group("cpu:gloo,cuda:nccl" if use_nccl else "gloo", **options)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_nccl else "gloo", timeout=timeout)
     return rank, local_rank, dist.get_world_size()
 
 

@@ -21,10 +21,10 @@ import torch
 import evaluate
 import inference
 import jobs
-import sample
 import test_evaluate  # noqa: F401 (registers the tiny Inception stand-in and reference with torch-fidelity)
 from conftest import tiny_checkpoint
 from diffusion import create_diffusion
+from test_sample import run_sample
 
 REPO = Path(__file__).resolve().parents[1]
 # 7 images in batches of 2: 4 batches, the last one short; 2 processes make them in 2 rounds. DDPM draws new noise
@@ -38,15 +38,6 @@ GENERATE_BATCH = inference.generate_batch
 def checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tiny_checkpoint("uncond", 0, seed=0)
-
-
-def run_sample(*flags):
-    """Run sample.main in-process; returns the exit code."""
-    try:
-        sample.main([str(flag) for flag in flags])
-    except SystemExit as exit:
-        return exit.code or 0
-    return 0
 
 
 def npz_images(path):
@@ -193,12 +184,17 @@ def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypat
 def test_two_processes_evaluate_into_one_metrics_row(tmp_path):
     # evaluate.py with the test suite's tiny Inception stand-in, registered by a launcher as a user would.
     launcher = tmp_path / "launch_evaluate.py"
-    launcher.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nimport test_evaluate\n"
-                        f"import evaluate\nevaluate.main(sys.argv[1:])\n")
+    # It also reports which processes load the reference images: the first one alone should.
+    launcher.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nimport test_evaluate\n"
+                        f"import evaluate\nload = evaluate.load_reference\n"
+                        f"def reporting(name):\n    print('reference loaded by rank', os.environ['RANK'])\n"
+                        f"    return load(name)\n"
+                        f"evaluate.load_reference = reporting\nevaluate.main(sys.argv[1:])\n")
     flags = ["--run-name", "uncond", "--num-samples", "10", "--batch-size", "4", "--steps", "2", "--metrics", "fid",
              "--feature-extractor", "tiny-conv", "--reference", "shapes-16px", "--device", "cpu"]
     result = torchrun(29563, launcher, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"reference loaded by rank \d", result.stdout) == ["reference loaded by rank 0"]
     with open("results/metrics.csv") as f:
         assert len(f.readlines()) == 2  # the header and one row
     two = npz_images("results/images/uncond/eval_ddim_2steps_10.npz")
@@ -224,8 +220,6 @@ def test_image_seeds_fit_the_generator_and_keep_jobs_of_other_seeds_apart():
     assert starts[-1] < 2 ** 32
     gaps = [b - a for a, b in zip(starts, starts[1:])] + [starts[0] + 2 ** 32 - starts[-1]]  # around the circle
     assert min(gaps) == 287_291  # as the docstring says: jobs of seeds 0 ... 9,999 never share an image below that
-    assert [inference.image_seed(7, index) for index in range(3)] == [(7 * inference.GOLDEN + i) % 2 ** 32
-                                                                        for i in range(3)]
     first_draws = [torch.randn(1, generator=generator).item() for generator in inference.image_generators(3, 0, 4)]
     assert len(set(first_draws)) == 4
 
