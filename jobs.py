@@ -58,12 +58,6 @@ def first_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def leave():
-    """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def run_script(run, opts):
     """What the main() of sample.py and evaluate.py share: join torchrun's processes (if any), call
     run(opts, world_size), leave. Returns the paths it wrote on the first process, None on the others; a UserError
@@ -72,11 +66,14 @@ def run_script(run, opts):
     try:
         written = run(opts, world_size)
     except UserError as error:
+        utils.leave_distributed(wait=True)  # every process met the same mistake, so all of them get here
         if rank == 0:
             config.fail(error)
         sys.exit(1)
-    finally:
-        leave()
+    except BaseException:
+        utils.leave_distributed(wait=False)
+        raise
+    utils.leave_distributed(wait=True)
     return written if rank == 0 else None
 
 

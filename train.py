@@ -378,10 +378,12 @@ def main(argv=None):
                                               state.batch_in_epoch), state, cfg, device)
     try:
         message, failed = train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, distributed)
-    finally:
+    except BaseException:
         log.close()
-        if distributed:
-            dist.destroy_process_group()
+        utils.leave_distributed(wait=False)
+        raise
+    log.close()
+    utils.leave_distributed(wait=True)  # rank 0 may still be writing the last checkpoint and preview
 
     # -- end --
     if is_main:

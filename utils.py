@@ -147,6 +147,18 @@ def setup_distributed(timeout=None):
     return rank, local_rank, dist.get_world_size()
 
 
+def leave_distributed(wait):
+    """Leave the process group, if this process joined one. wait: first wait until every process has got here,
+    which a process that finished normally must do: one that tears down its connections while another still
+    writes a checkpoint or an output can abort ("terminate called without an active exception" from gloo). After
+    an unexpected error the others may never arrive, so that path leaves at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 # --- exponential moving average of the weights --------------------------------------------------------
 
 @torch.no_grad()
