@@ -6,6 +6,7 @@
     python benchmark.py --amp bf16 --compare diffusers    # side by side with diffusers' UNet2DModel
     python benchmark.py --device cuda --batch-size 128 --amp bf16 --channels-last --compile
     python benchmark.py --amp bf16 --profile 15           # and the 15 operators that take the most time
+    python benchmark.py --runs demo,demo-int8 --batch-size 64   # sampling of checkpoints (compress.py's too)
 
 What is timed, on random images (no data loading):
   train   one optimizer step as train.py takes it: autocast forward of diffusion.training_loss, backward, gradient
@@ -14,7 +15,8 @@ What is timed, on random images (no data loading):
           inference.prepare_for_sampling (channels-last, weights in the AMP dtype, compiled with --compile), eval
           mode, no_grad, autocast around the whole loop. Every denoising step counts batch-size images, so its
           img/s is batch x steps / seconds.
-Each img/s is the median over --iters timed calls; 'best' is the fastest call.
+Each img/s is the median over --iters timed calls; 'best' is the fastest call. With --runs, each run's checkpoint
+is loaded as sample.py loads it (an int8 one runs in int8 whatever --amp says) and only sampled, in turns.
 
 --compare diffusers builds diffusers' UNet2DModel with the same architecture (the google/ddpm-cifar10-32 config)
 and runs it the way diffusers' examples/unconditional_image_generation/train_unconditional.py does: under accelerate
@@ -47,10 +49,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import inference
+import quantization
 import training
 import utils
 from config import flag_field
 from diffusion import create_diffusion
+from model import create_model
 from pretrained import DIFFUSERS_DDPM_CIFAR10_CONFIG
 from utils import UsageError
 
@@ -78,6 +82,8 @@ class BenchmarkOptions(inference.DeviceOptions):
     profile: int = flag_field(0, "after the table, where the time goes: the N operators that take the most time in "
                                  "our training step and sampling call, by torch.profiler (default 0: none)")
     seed: int = flag_field(0, "random seed of the weights and inputs (default 0)")
+    runs: str = flag_field("", "instead of a preset's fresh model, time the sampling of these runs' checkpoints "
+                               "(trained or compress.py's), in turns: RUN,RUN,...; no training step")
 
 
 def parse_options(argv=None):
@@ -91,6 +97,8 @@ def check_options(opts):
         raise UsageError(f"unknown --preset {opts.preset!r}; choose one of {', '.join(config.PRESETS)}")
     if opts.compare not in COMPARES:
         raise UsageError(f"unknown --compare {opts.compare!r}; choose one of {', '.join(COMPARES)}")
+    if opts.runs and opts.compare != "none":
+        raise UsageError("--compare diffusers builds the preset's model; with --runs, list the runs to compare")
     for flag, value, least in (("--batch-size", opts.batch_size, 1), ("--iters", opts.iters, 1),
                                ("--sample-steps", opts.sample_steps, 1), ("--warmup", opts.warmup, 0),
                                ("--threads", opts.threads, 0), ("--profile", opts.profile, 0)):
@@ -185,8 +193,10 @@ class Contender:
     name: str
     forward: Callable  # forward(x_t, t) -> the model's output tensor, for counting FLOPs
     parameters: int
-    train_step: Callable
+    train_step: Callable | None  # None: a checkpoint that is only sampled (--runs)
     sample_call: Callable
+    cfg: config.Config | None = None  # the model's config when it is not the preset's (--runs)
+    int8: bool = False  # an int8 model: no float matmul peak to compare with
 
 
 def random_batch(cfg, batch_size, device, channels_last, seed):
@@ -221,6 +231,26 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
             diffusion.sample(sample_forward, x_T.shape, sampler="ddim", steps=sample_steps, x_T=x_T)
 
     return Contender("ours", state.model, sum(p.numel() for p in state.model.parameters()), train_step, sample_call)
+
+
+def build_run(run, device, amp_dtype, batch_size, sample_steps, compile=False, seed=0):
+    """A run's checkpoint (inference.load_model: a trained run or a compressed one), sampled as sample.py samples
+    it; it is not trained. Its FLOPs are those of the float U-Net of its config (an int8 layer does the same
+    multiply-adds)."""
+    loaded = inference.load_model(run)
+    print(f"{run}: {loaded.source}")
+    int8 = isinstance(loaded.model, quantization.Int8UNet)
+    sample_forward = inference.prepare_for_sampling(loaded.model, device, None if int8 else amp_dtype, compile)
+    diffusion = create_diffusion(loaded.cfg)
+    _, x_T = random_batch(loaded.cfg, batch_size, device, False, seed)
+
+    def sample_call():
+        with utils.autocast(device, None if int8 else amp_dtype):
+            diffusion.sample(sample_forward, x_T.shape, sampler="ddim", steps=sample_steps, x_T=x_T)
+
+    float_model = create_model(loaded.cfg).to(device).eval()
+    parameters = sum(p.numel() for p in float_model.parameters())
+    return Contender(run, float_model, parameters, None, sample_call, loaded.cfg, int8)
 
 
 def build_diffusers(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=False, compile=False, seed=0):
@@ -302,6 +332,10 @@ def measure(contenders, device, opts):
     for phase in ("train", "sample"):
         calls = {contender.name: contender.train_step if phase == "train" else contender.sample_call
                  for contender in contenders}
+        for name in [name for name, call in calls.items() if call is None]:
+            del calls[name]
+            results[name].update({f"{phase} {row}": None for row in ("img/s", "img/s best", "peak memory MiB",
+                                                                       "first call s")})
         for name, call in calls.items():
             # The first call builds kernels (with --compile it compiles): a cost paid once per run.
             results[name][f"{phase} first call s"] = timed(call, device)
@@ -337,6 +371,8 @@ def print_profile(contender, device, opts):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         sort_by = "self_device_time_total"  # the GPU time of the kernels each operator launched
     for phase, call in (("training step", contender.train_step), ("sampling call", contender.sample_call)):
+        if call is None:
+            continue
         with torch.profiler.profile(activities=activities) as profiler:
             for _ in range(opts.iters):
                 call()
@@ -358,7 +394,8 @@ def print_table(results):
     """One column per contender and, for two, their ratio."""
     names = list(results)
     header = f"{'':26}" + "".join(f"{name:>12}" for name in names)
-    print(header + (f"{'ours/' + names[1]:>17}" if len(names) == 2 else ""))
+    first = "ours" if names[0] == "ours" else names[0]
+    print(header + (f"{first + '/' + names[1]:>17}" if len(names) == 2 else ""))
     for row, fmt in ROWS:
         values = [results[name][row] for name in names]
         line = f"{row:26}" + "".join(f"{'n/a' if value is None else fmt.format(value):>12}" for value in values)
@@ -395,27 +432,34 @@ def run(opts):
     where = device_name(device)
     if device.type == "cpu":
         where += f", {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the start"
-    print(f"{opts.preset}, batch {opts.batch_size}, {precision}, channels_last {'on' if opts.channels_last else 'off'}"
+    layout = "on" if opts.channels_last else "off"
+    print(f"{opts.runs or opts.preset}, batch {opts.batch_size}, {precision}, channels_last {layout}"
           f", compile {'on' if opts.compile else 'off'}; {where}; torch {torch.__version__}")
 
-    common = dict(cfg=cfg, device=device, amp_dtype=amp_dtype, batch_size=opts.batch_size,
-                  sample_steps=opts.sample_steps, seed=opts.seed)
-    contenders = [build_ours(**common, channels_last=opts.channels_last, compile=opts.compile)]
+    common = dict(device=device, amp_dtype=amp_dtype, batch_size=opts.batch_size, sample_steps=opts.sample_steps,
+                  seed=opts.seed)
+    if opts.runs:
+        contenders = [build_run(run, **common, compile=opts.compile) for run in opts.runs.split(",")]
+    else:
+        contenders = [build_ours(cfg, **common, channels_last=opts.channels_last, compile=opts.compile)]
     if opts.compare == "diffusers":
-        contenders.append(build_diffusers(**common))
+        contenders.append(build_diffusers(cfg, **common))
     peak = matmul_peak(device, dtype)
     results = measure(contenders, device, opts)
     peak = max(peak, matmul_peak(device, dtype))  # the better of two moments of a machine that may be shared
 
-    x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)  # every timestep costs the same
     for contender in contenders:
+        model_cfg = contender.cfg or cfg
+        x = torch.randn(1, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device)
+        t = torch.zeros(1, dtype=torch.long, device=device)  # every timestep costs the same
         row = results[contender.name]
         row["parameters"] = contender.parameters
         row["GFLOP / image (forward)"] = count_flops(contender.forward, x, t) / 1e9
         for phase, forward_passes in (("train", 3), ("sample", 1)):
-            flops_per_second = row[f"{phase} img/s"] * forward_passes * row["GFLOP / image (forward)"] * 1e9
-            row[f"{phase} % of matmul peak"] = 100 * flops_per_second / peak
+            row[f"{phase} % of matmul peak"] = None
+            if row[f"{phase} img/s"] is not None and not contender.int8:
+                flops_per_second = row[f"{phase} img/s"] * forward_passes * row["GFLOP / image (forward)"] * 1e9
+                row[f"{phase} % of matmul peak"] = 100 * flops_per_second / peak
 
     print(f"matmul peak ({MATMUL_SIZE[device.type]}^3, {precision}): {peak / 1e12:.3f} TFLOP/s; img/s: median of "
           f"{opts.iters} calls, 'best' the fastest; a sampling call is {opts.sample_steps} DDIM steps")

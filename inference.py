@@ -7,7 +7,7 @@
     images = generate(model, create_diffusion(loaded.cfg), loaded.cfg, opts, 64, device=device,
                       amp_dtype=amp_dtype)                # (64, C, H, W) in [-1, 1]; jobs.py for long jobs
 
-Imports config, diffusion, model, pretrained, samplers and utils, and no script.
+Imports config, diffusion, model, pretrained, quantization, samplers and utils, and no script.
 """
 
 import math
@@ -25,6 +25,7 @@ from config import flag_field
 from model import create_model
 from pretrained import load_pretrained
 from diffusion import SKIP_TYPES
+import quantization
 from samplers import DDPM_VARIANCES, SAMPLERS, randn
 import utils
 
@@ -84,6 +85,7 @@ class LoadedModel(NamedTuple):
     run: str                # the run name outputs go under
     source: str             # where it came from, for messages
     step: int | None        # the training step of its checkpoint; None for pretrained weights
+    compression: dict | None = None  # compress.py's record of a compressed checkpoint (quantization.py), or None
 
 
 def runs_with_checkpoints():
@@ -115,6 +117,8 @@ def load_model_from_checkpoint(path, state, use_ema=True):
     key = "ema" if use_ema else "model"
     if key not in state:
         raise utils.CheckpointError(f"{path} holds no {key!r} weights; try {'--no-ema' if use_ema else '--ema'}")
+    if "compression" in state:  # compress.py quantize: bf16 / fp16 weights, or an int8 model
+        return quantization.load_quantized(state[key], cfg, state["compression"]), cfg
     model = create_model(cfg)
     try:
         model.load_state_dict(state[key])
@@ -141,7 +145,9 @@ def load_model(run_name="", checkpoint="", pretrained="", use_ema=True):
     model, cfg = load_model_from_checkpoint(path, state, use_ema)
     step = state.get("step")
     source = f"{path} ({'EMA' if use_ema else 'raw'} weights, step {'?' if step is None else step})"
-    return LoadedModel(model, cfg, run_name or cfg.name, source, step)
+    if "compression" in state:
+        source = f"{path} ({quantization.describe(state['compression'])} of {state['compression']['source']})"
+    return LoadedModel(model, cfg, run_name or cfg.name, source, step, state.get("compression"))
 
 
 def check_sampling(opts):
@@ -201,8 +207,14 @@ def prepare_for_sampling(model, device, amp_dtype=None, compile=False):
       The first calls compile, which is paid back after several hundred network calls (README, Speed notes, has
       the measured gains of all three).
 
-    Changes `model` itself (its layout and dtypes) and returns it, or its compiled wrapper.
+    Changes `model` itself (its layout and dtypes) and returns it, or its compiled wrapper. An int8 model
+    (quantization.Int8UNet) is returned as it is: it runs in its own precision and compiles itself, on a CPU only.
     """
+    if isinstance(model, quantization.Int8UNet):
+        if device.type != "cpu":
+            raise utils.UsageError("an int8 checkpoint runs on the CPU (its kernels are x86 oneDNN ones); use "
+                                   "--device cpu, or the float run it was made from on a GPU")
+        return model
     model = model.to(device, memory_format=torch.channels_last)
     if amp_dtype is not None:
         for module in model.modules():

@@ -334,8 +334,11 @@ def run(opts, world_size=1):
                          f"as python sample.py ...")
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
     device = jobs.local_device(device)
-    model, cfg, run_name, source, _ = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained,
-                                                       opts.ema)
+    loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
+    model, cfg, run_name, source = loaded.model, loaded.cfg, loaded.run, loaded.source
+    if opts.export_diffusers and loaded.compression:
+        raise UsageError(f"--export-diffusers writes float weights; {source} is compressed, so export the run it "
+                         f"was made from")
     model.to(device)
     if opts.export_diffusers:
         return [export(model, cfg, opts.export_diffusers)]

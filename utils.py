@@ -43,15 +43,25 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (avx2, amx_bf16, ...); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_fast_bf16():
     """Whether this CPU does bf16 matrix work in hardware (Intel AMX or AVX-512 BF16, read from /proc/cpuinfo);
     elsewhere oneDNN emulates bf16, many times slower than float32. False where the flags cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_int8_dot():
+    """Whether this CPU has an int8 dot-product instruction (VNNI, or AMX): without one, oneDNN multiplies uint8
+    activations by int8 weights in pairs summed to int16, which saturates unless activations keep to 7 bits."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_amp(amp, device):

@@ -128,7 +128,7 @@ def test_naming_a_dataset_sets_its_channels_unless_given():
 
 @pytest.mark.parametrize("module_name, class_name", [
     ("config", "Config"), ("sample", "SampleOptions"), ("evaluate", "EvalOptions"),
-    ("benchmark", "BenchmarkOptions"), ("distill", "DistillOptions")])
+    ("benchmark", "BenchmarkOptions"), ("distill", "DistillOptions"), ("compress", "CompressOptions")])
 def test_readme_documents_every_flag(module_name, class_name):
     import importlib
     options = getattr(importlib.import_module(module_name), class_name)
