@@ -71,10 +71,7 @@ def parse_options(argv=None):
 def check_options(opts):
     """Raise UsageError for options that cannot work whatever the model."""
     inference.check_sampling(opts)
-    quantization.check_mode(opts.mode)
-    if opts.float_layers not in quantization.FLOAT_LAYERS:
-        raise utils.UsageError(f"--float-layers must be one of {', '.join(quantization.FLOAT_LAYERS)}, got "
-                               f"{opts.float_layers!r}")
+    quantization.check_options(opts.mode, opts.float_layers)
     for flag, value, least in (("--calibration-images", opts.calibration_images, 1),
                                ("--compare-images", opts.compare_images, 0), ("--batch-size", opts.batch_size, 1)):
         if value < least:
@@ -186,26 +183,22 @@ def report(opts, loaded, path):
         return
     device, amp_dtype = utils.resolve_device_and_amp("cpu", opts.amp)
     compressed = inference.load_model(checkpoint=str(path)).model
-    rows = []
+    diffusion = create_diffusion(loaded.cfg)
+    labels = labels_for(loaded.cfg, 0, opts.compare_images)
     int8 = isinstance(compressed, quantization.Int8UNet)  # int8 runs in its own precision, whatever --amp says
-    for label, model, amp in (("original", loaded.model, amp_dtype), ("compressed", compressed,
-                                                                      None if int8 else amp_dtype)):
+    rows = []
+    for label, model, amp in (("original", loaded.model, amp_dtype),
+                              ("compressed", compressed, None if int8 else amp_dtype)):
         model = inference.prepare_for_sampling(model, device, amp, opts.compile and label == "original")
-        diffusion = create_diffusion(loaded.cfg)
-        count = min(opts.batch_size, opts.compare_images)
         # An untimed network call first: it compiles a compiled model (the int8 one always is).
-        warm = dataclasses.replace(opts, steps=1)
-        inference.generate_batch(model, diffusion, loaded.cfg, warm, 0, count, device=device, amp_dtype=amp,
-                                 labels=labels_for(loaded.cfg, 0, count))
+        count = min(opts.batch_size, opts.compare_images)
+        inference.generate_batch(model, diffusion, loaded.cfg, dataclasses.replace(opts, steps=1), 0, count,
+                                 device=device, amp_dtype=amp, labels=None if labels is None else labels[:count])
         start = time.perf_counter()
-        images = torch.cat([
-            inference.generate_batch(model, diffusion, loaded.cfg, opts, first, min(opts.batch_size,
-                                     opts.compare_images - first), device=device, amp_dtype=amp,
-                                     labels=labels_for(loaded.cfg, first, min(opts.batch_size,
-                                                                                opts.compare_images - first)))
-            for first in range(0, opts.compare_images, opts.batch_size)])
-        seconds = time.perf_counter() - start
-        rows.append((label, images, opts.compare_images / seconds, str(amp).removeprefix("torch.") if amp else "none"))
+        images = inference.generate(model, diffusion, loaded.cfg, opts, opts.compare_images, device=device,
+                                    batch_size=opts.batch_size, amp_dtype=amp, labels=labels)
+        speed = opts.compare_images / (time.perf_counter() - start)
+        rows.append((label, images, speed, str(amp).removeprefix("torch.") if amp else "none"))
     difference = (rows[0][1] - rows[1][1]).abs().mean().item() * 127.5  # [-1, 1] -> 0 ... 255 levels
     for label, _, speed, amp in rows:
         print(f"  {label:10s} {speed:7.1f} img/s ({opts.sampler}, {opts.steps} steps, amp {amp})")

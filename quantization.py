@@ -75,11 +75,8 @@ def float_modules(model, which="skips"):
     ends: the first and the last convolution (the image in, the prediction out). skips (the default): those and
     the decoder's convolutions that read a skip concatenated to the features, whose two halves have ranges too
     different for one int8 scale (Q-Diffusion, Sec. 3.3). none: every convolution and linear layer in int8.
-    Measured on the demo's model (DDIM-50, 32 images, 2 cores): the mean difference from the float images is 9.8
-    (none), 6.4 (ends) and 4.9 (skips) levels of 255, at about the same speed; but skips keeps a third of the
-    parameters of ddpm-cifar10 in float32 (a 74 MB file, against 36 MB for ends)."""
-    if which not in FLOAT_LAYERS:
-        raise utils.UsageError(f"--float-layers must be one of {', '.join(FLOAT_LAYERS)}, got {which!r}")
+    README, Compression, has what each costs on the demo's model; skips keeps a third of the parameters of
+    ddpm-cifar10 in float32 (a 72 MiB file, against 36 MiB for ends)."""
     if which == "none":
         return []
     names = ["stem", "out_conv"]
@@ -225,8 +222,10 @@ def load_quantized(state, cfg, compression, compile=True):
     return model.eval()
 
 
-def check_mode(mode):
-    """Raise utils.UsageError for an unknown --mode."""
+def check_options(mode, float_layers):
+    """Raise utils.UsageError for an unknown --mode or --float-layers."""
     if mode not in MODES:
         raise utils.UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if float_layers not in FLOAT_LAYERS:
+        raise utils.UsageError(f"--float-layers must be one of {', '.join(FLOAT_LAYERS)}, got {float_layers!r}")
 
