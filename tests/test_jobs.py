@@ -29,7 +29,9 @@ from test_sample import run_sample
 REPO = Path(__file__).resolve().parents[1]
 # 7 images in batches of 2: 4 batches, the last one short; 2 processes make them in 2 rounds. DDPM draws new noise
 # at every step, so an image made from another generator's stream would show.
-JOB = ["--num-samples", "7", "--batch-size", "2", "--sampler", "ddpm", "--steps", "3", "--device", "cpu"]
+# --amp none: torchrun's processes do not see the tests' float32 CPU (conftest), and would take bf16 on a CPU with AMX.
+JOB = ["--num-samples", "7", "--batch-size", "2", "--sampler", "ddpm", "--steps", "3", "--device", "cpu",
+       "--amp", "none"]
 UNFINISHED = Path("results/images/uncond/unfinished")
 GENERATE_BATCH = inference.generate_batch
 
@@ -164,7 +166,8 @@ def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypat
 
     # A job of two batches stopped after one, finished by two processes (one round: the first one's batch is
     # reused, the second made) and then cleaned up.
-    short = ["--num-samples", "4", "--batch-size", "2", "--sampler", "ddpm", "--steps", "3", "--device", "cpu"]
+    short = ["--num-samples", "4", "--batch-size", "2", "--sampler", "ddpm", "--steps", "3", "--device", "cpu",
+             "--amp", "none"]
     assert run_sample("--run-name", "uncond", "--format", "npz", *short, "--out", "short-one") == 0
     stop_after_batches(monkeypatch, 1)
     assert run_sample("--run-name", "uncond", "--format", "npz", *short, "--out", "short") == 1
@@ -191,7 +194,7 @@ def test_two_processes_evaluate_into_one_metrics_row(tmp_path):
                         f"    return load(name)\n"
                         f"evaluate.load_reference = reporting\nevaluate.main(sys.argv[1:])\n")
     flags = ["--run-name", "uncond", "--num-samples", "10", "--batch-size", "4", "--steps", "2", "--metrics", "fid",
-             "--feature-extractor", "tiny-conv", "--reference", "shapes-16px", "--device", "cpu"]
+             "--feature-extractor", "tiny-conv", "--reference", "shapes-16px", "--device", "cpu", "--amp", "none"]
     result = torchrun(29563, launcher, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.findall(r"reference loaded by rank \d", result.stdout) == ["reference loaded by rank 0"]
