@@ -44,8 +44,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import inference
@@ -121,18 +119,6 @@ def timed(function, device):
     function()
     synchronize(device)
     return time.perf_counter() - start
-
-
-def count_flops(function, *inputs):
-    """FLOPs of function(*inputs) as FlopCounterMode counts them: 2 per multiply-add of every convolution, matmul
-    and linear layer; bias additions, norms and activations are not counted.
-
-    Attention runs on PyTorch's math kernel here: the counter sees its two matmuls (q k^T and the weights times v)
-    on every device, whereas it has no formula for the CPU's fused attention kernel and would count nothing there.
-    """
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        function(*inputs)
-    return counter.get_total_flops()
 
 
 def matmul_peak(device, dtype, repeats=5):
@@ -235,11 +221,13 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
 
 def build_run(run, device, amp_dtype, batch_size, sample_steps, compile=False, seed=0):
     """A run's checkpoint (inference.load_model: a trained run or a compressed one), sampled as sample.py samples
-    it; it is not trained. Its FLOPs are those of the float U-Net of its config (an int8 layer does the same
-    multiply-adds)."""
+    it; it is not trained. Its parameters and FLOPs are those of its float U-Net (a pruned one has its own), and for
+    an int8 model those of the float U-Net of its config (an int8 layer does the same multiply-adds)."""
     loaded = inference.load_model(run)
     print(f"{run}: {loaded.source}")
     int8 = isinstance(loaded.model, quantization.Int8UNet)
+    # In float32, for counting: sampling stores the weights in the autocast dtype.
+    float_model = (create_model(loaded.cfg) if int8 else copy.deepcopy(loaded.model)).to(device).eval()
     sample_forward = inference.prepare_for_sampling(loaded.model, device, None if int8 else amp_dtype, compile)
     diffusion = create_diffusion(loaded.cfg)
     _, x_T = random_batch(loaded.cfg, batch_size, device, False, seed)
@@ -248,7 +236,6 @@ def build_run(run, device, amp_dtype, batch_size, sample_steps, compile=False, s
         with utils.autocast(device, None if int8 else amp_dtype):
             diffusion.sample(sample_forward, x_T.shape, sampler="ddim", steps=sample_steps, x_T=x_T)
 
-    float_model = create_model(loaded.cfg).to(device).eval()
     parameters = sum(p.numel() for p in float_model.parameters())
     return Contender(run, float_model, parameters, None, sample_call, loaded.cfg, int8)
 
@@ -393,12 +380,13 @@ def print_profile(contender, device, opts):
 def print_table(results):
     """One column per contender and, for two, their ratio."""
     names = list(results)
-    header = f"{'':26}" + "".join(f"{name:>12}" for name in names)
+    width = max(12, *(len(name) + 2 for name in names))
+    header = f"{'':26}" + "".join(f"{name:>{width}}" for name in names)
     first = "ours" if names[0] == "ours" else names[0]
     print(header + (f"{first + '/' + names[1]:>17}" if len(names) == 2 else ""))
     for row, fmt in ROWS:
         values = [results[name][row] for name in names]
-        line = f"{row:26}" + "".join(f"{'n/a' if value is None else fmt.format(value):>12}" for value in values)
+        line = f"{row:26}" + "".join(f"{'n/a' if value is None else fmt.format(value):>{width}}" for value in values)
         if len(values) == 2 and None not in values:
             line += f"{values[0] / values[1]:>17.2f}"
         print(line)
@@ -454,7 +442,7 @@ def run(opts):
         t = torch.zeros(1, dtype=torch.long, device=device)  # every timestep costs the same
         row = results[contender.name]
         row["parameters"] = contender.parameters
-        row["GFLOP / image (forward)"] = count_flops(contender.forward, x, t) / 1e9
+        row["GFLOP / image (forward)"] = utils.count_flops(contender.forward, x, t) / 1e9
         for phase, forward_passes in (("train", 3), ("sample", 1)):
             row[f"{phase} % of matmul peak"] = None
             if row[f"{phase} img/s"] is not None and not contender.int8:

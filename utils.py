@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import config
 
@@ -435,3 +437,17 @@ def unique_path(path):
         candidate = path.with_name(f"{path.stem}_{index}{path.suffix}")
         index += 1
     return candidate
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------------
+
+def count_flops(function, *inputs):
+    """FLOPs of function(*inputs) as FlopCounterMode counts them: 2 per multiply-add of every convolution, matmul
+    and linear layer; bias additions, norms and activations are not counted.
+
+    Attention runs on PyTorch's math kernel here: the counter sees its two matmuls (q k^T and the weights times v)
+    on every device, whereas it has no formula for the CPU's fused attention kernel and would count nothing there.
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        function(*inputs)
+    return counter.get_total_flops()

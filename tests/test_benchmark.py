@@ -1,9 +1,11 @@
-"""Tests of benchmark.py's FLOP count against counts by hand. Speed is the script's business, never a test's."""
+"""Tests of the FLOP count benchmark.py reports (utils.count_flops) against counts by hand. Speed is the script's
+business, never a test's."""
 
 import torch
 from torch import nn
 
 import benchmark
+import utils
 from config import get_config
 from model import SelfAttention, create_model
 
@@ -13,7 +15,7 @@ torch.set_num_threads(2)
 def test_a_convolution_counts_two_flops_per_multiply_add():
     conv = nn.Conv2d(3, 8, 3, padding=1)
     # Each of the 2 x 8 x 5 x 5 outputs sums 3 x 3 x 3 products; the bias additions are not counted.
-    assert benchmark.count_flops(conv, torch.randn(2, 3, 5, 5)) == 2 * (2 * 8 * 5 * 5) * (3 * 3 * 3)
+    assert utils.count_flops(conv, torch.randn(2, 3, 5, 5)) == 2 * (2 * 8 * 5 * 5) * (3 * 3 * 3)
 
 
 def test_attention_counts_its_four_projections_and_both_matmuls():
@@ -22,7 +24,7 @@ def test_attention_counts_its_four_projections_and_both_matmuls():
     projections = 4 * 2 * batch * tokens * channels * channels  # q, k, v and the output projection
     matmuls = 2 * 2 * batch * tokens * tokens * channels  # q k^T and softmax(.) v, all heads together
     attention = SelfAttention(channels, num_heads=4)
-    assert benchmark.count_flops(attention, torch.randn(batch, channels, size, size)) == projections + matmuls
+    assert utils.count_flops(attention, torch.randn(batch, channels, size, size)) == projections + matmuls
 
 
 def test_tiny_unet_forward_counts_every_layer_by_hand():
@@ -83,7 +85,7 @@ def test_tiny_unet_forward_counts_every_layer_by_hand():
     # On real CPU tensors, not the meta device: there PyTorch would pick the math attention kernel anyway, so a count
     # that forgot to force it (and missed the fused CPU kernel's matmuls) would still pass.
     model = create_model(cfg).eval()
-    flops = benchmark.count_flops(model, torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    flops = utils.count_flops(model, torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
     assert flops == expected
 
 
@@ -92,7 +94,7 @@ def test_ddpm_cifar10_forward_is_design_md_12_1_gflop_plus_attention_matmuls():
     add 2 x 2 x tokens^2 x channels each: five layers at 16x16 and the middle one at 4x4, all 256 channels wide."""
     with torch.device("meta"):  # shapes are all a count needs: no memory, no arithmetic
         model = create_model(get_config("ddpm-cifar10"))
-        flops = benchmark.count_flops(model, torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+        flops = utils.count_flops(model, torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
     attention_matmuls = 5 * (2 * 2 * (16 * 16) ** 2 * 256) + 2 * 2 * (4 * 4) ** 2 * 256
     assert attention_matmuls == 335_806_464
     assert abs((flops - attention_matmuls) / 1e9 - 12.1) < 0.05
