@@ -1,8 +1,10 @@
-"""Smaller, faster models from a trained run: quantized weights, or an int8 U-Net for the CPU.
+"""Smaller, faster models from a trained run: quantized weights, an int8 U-Net for the CPU, or a pruned U-Net.
 
     python compress.py quantize --run-name demo                    # int8: checkpoints/demo-int8/last.pt
     python compress.py quantize --run-name demo --mode bf16        # bf16 weights: checkpoints/demo-bf16/last.pt
     python compress.py quantize --run-name demo --steps 50 --calibration-images 128
+    python compress.py prune --run-name demo --ratio 0.3           # checkpoints/demo-prune0.3/: pruned.pt, then
+                                                                   # fine-tuned for 10% of demo's steps: last.pt
     python sample.py --run-name demo-int8                          # sampled, evaluated and loaded like any run
     python evaluate.py --run-name demo-int8 --steps 50 --num-samples 1000
 
@@ -12,13 +14,22 @@ class-conditional model), so every timestep that sampler visits is in the calibr
 are the same as sample.py's; sample the int8 model with the same ones. quantization.py has the method. bf16 and
 fp16 store the weights in half precision: half the file, nothing to calibrate.
 
-Every compressed checkpoint is a run of its own (--output, default RUN-MODE), written atomically; its file holds
-tensors and plain values only. At the end the script samples --compare-images images with the original model and
-with the new one from the same noise, and prints the file sizes, the mean difference of the images and their
-speed side by side. An int8 model runs on the CPU only.
+prune removes --ratio of the channels of every group of layers that must shrink together, the least important
+first, scored by the gradients of the diffusion loss on --importance-batches batches of training images
+(pruning.py has the method), and writes pruned.pt. Then it fine-tunes the pruned model as a train.py run of the
+same name that starts --init-from pruned.pt with the original run's settings, for --finetune-steps (default 10% of
+the original run's steps) at --lr (default the original's): checkpoints, EMA, TensorBoard and an exact resume,
+as every run has. Running the same command again resumes a stopped fine-tuning and reuses pruned.pt. The pruned
+checkpoints hold the pruned layer shapes in their weights and load without the pruning library.
+
+Every compressed checkpoint is a run of its own (--output, default RUN-MODE or RUN-pruneR), written atomically;
+its file holds tensors and plain values only. At the end the script samples --compare-images images with the
+original model and with the new one from the same noise, and prints the file sizes, the mean difference of the
+images and their speed side by side. An int8 model runs on the CPU only.
 """
 
 import argparse
+import copy
 import dataclasses
 import io
 import time
@@ -29,12 +40,15 @@ from tqdm import tqdm
 
 import config
 import inference
+import pruning
 import quantization
+import train
 import utils
 from config import flag_field
+from dataset import build_dataset
 from diffusion import create_diffusion
 
-ACTIONS = ("quantize",)
+ACTIONS = ("quantize", "prune")
 
 
 @dataclass
@@ -53,8 +67,17 @@ class CompressOptions(inference.SamplingOptions):
                                             "first and last convolutions, and the decoder's that read a skip), ends "
                                             "(the first and last only: a smaller file) or none",
                                    quantization.FLOAT_LAYERS)
-    batch_size: int = flag_field(64, "images per sampling batch of the calibration and the comparison (default 64)")
-    output: str = flag_field("", "run name of the compressed model (default RUN-MODE, e.g. demo-int8)")
+    ratio: float = flag_field(0.3, "prune: the fraction of channels removed from every prunable group of layers, "
+                                   "in [0, 1) (default 0.3)")
+    importance_batches: int = flag_field(8, "prune: batches of --batch-size training images whose diffusion loss "
+                                            "scores the channels (default 8)")
+    finetune_steps: int = flag_field(-1, "prune: optimizer steps of the fine-tuning after pruning (default -1: 10% "
+                                         "of the original run's steps; 0 = none)")
+    lr: float = flag_field(0.0, "prune: peak learning rate of the fine-tuning (default 0: the original run's)")
+    batch_size: int = flag_field(64, "images per batch of the calibration, the comparison and the pruning's "
+                                     "scores (default 64)")
+    output: str = flag_field("", "run name of the compressed model (default RUN-MODE, e.g. demo-int8, or "
+                                 "RUN-pruneR, e.g. demo-prune0.3)")
 
 
 def parse_options(argv=None):
@@ -73,19 +96,25 @@ def check_options(opts):
     inference.check_sampling(opts)
     quantization.check_options(opts.mode, opts.float_layers)
     for flag, value, least in (("--calibration-images", opts.calibration_images, 1),
-                               ("--compare-images", opts.compare_images, 0), ("--batch-size", opts.batch_size, 1)):
+                               ("--compare-images", opts.compare_images, 0), ("--batch-size", opts.batch_size, 1),
+                               ("--importance-batches", opts.importance_batches, 1),
+                               ("--finetune-steps", opts.finetune_steps, -1)):
         if value < least:
             raise utils.UsageError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= opts.ratio < 1 or opts.lr < 0:
+        raise utils.UsageError(f"--ratio must be in [0, 1) and --lr 0 or positive, got {opts.ratio} and {opts.lr}")
 
 
-def output_run(opts, loaded):
-    """The compressed model's run name, and its folder, which must not hold a trained run's checkpoints."""
-    name = opts.output or f"{loaded.run}-{opts.mode}"
+def output_run(opts, loaded, suffix):
+    """The compressed model's run name (default RUN-suffix), and its folder, which must not hold the checkpoints
+    of a trained run other than the fine-tuning of its own pruned.pt."""
+    name = opts.output or f"{loaded.run}-{suffix}"
     if name == loaded.run:
         raise utils.UsageError(f"--output {name} is the run being compressed; choose another name")
     run_dir = utils.CHECKPOINT_DIR / name
     path, state = utils.load_latest_checkpoint(run_dir) if run_dir.is_dir() else (None, None)
-    if path is not None and "compression" not in state:
+    fine_tuning = path is not None and state["config"].get("init_from") == str(run_dir / "pruned.pt")
+    if path is not None and "compression" not in state and not (fine_tuning and suffix.startswith("prune")):
         raise utils.UsageError(f"{run_dir} holds the checkpoints of a trained run, which this would replace; choose "
                                f"another --output")
     return name, run_dir
@@ -151,7 +180,7 @@ def quantize(opts):
     if loaded.compression:
         raise utils.UsageError(f"{loaded.source} is already compressed; quantize the float run it was made from")
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(loaded.cfg, opts))
-    name, run_dir = output_run(opts, loaded)
+    name, run_dir = output_run(opts, loaded, opts.mode)
     cfg = dataclasses.replace(loaded.cfg, run_name=name)
     model = loaded.model.float().eval()
     compression = {"mode": opts.mode, "source": loaded.source}
@@ -173,6 +202,74 @@ def quantize(opts):
     print(f"wrote {path}: {quantization.describe(compression)} of {loaded.source}")
     report(opts, loaded, path)
     return path
+
+
+def importance_batches(cfg, opts):
+    """opts.importance_batches batches (x0, y or None) of opts.batch_size training images, in a fixed order."""
+    data = build_dataset(dataclasses.replace(cfg, random_flip=False), train=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=opts.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(opts.seed))
+    batches = []
+    for images, labels in loader:
+        batches.append((images, labels if cfg.num_classes else None))
+        if len(batches) == opts.importance_batches:
+            break
+    return batches
+
+
+def describe_size(label, size):
+    """One line: parameters and GFLOP per image, from pruning.size_of."""
+    params, flops = size
+    return f"  {label:10s} {params / 1e6:7.3f}M parameters, {flops / 1e9:6.3f} GFLOP per image"
+
+
+def prune(opts):
+    """Prune opts.run_name into RUN-pruneR/pruned.pt (or reuse the one there), then fine-tune it (a train.py run
+    of that name) unless --finetune-steps 0; returns the path of the newest model."""
+    loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
+    if loaded.compression:
+        raise utils.UsageError(f"{loaded.source} is already compressed; prune the float run it was made from")
+    opts = dataclasses.replace(opts, steps=inference.sampling_steps(loaded.cfg, opts))
+    name, run_dir = output_run(opts, loaded, f"prune{opts.ratio:g}")
+    path = run_dir / "pruned.pt"
+    settings = {"source": loaded.source, "ratio": opts.ratio, "importance_batches": opts.importance_batches,
+                "batch_size": opts.batch_size, "seed": opts.seed}
+    if path.exists():
+        state = utils.load_checkpoint(path)
+        if {key: state["pruning"].get(key) for key in settings} != settings:
+            raise utils.UsageError(f"{path} was pruned with other settings ({state['pruning']}); choose another "
+                                   f"--output, or move {run_dir} away")
+        print(f"{path}: pruned before with these settings, reused")
+    else:
+        model = copy.deepcopy(loaded.model).float()
+        before = pruning.size_of(model, loaded.cfg)
+        pruning.prune_unet(model, create_diffusion(loaded.cfg), importance_batches(loaded.cfg, opts), opts.ratio,
+                           loaded.cfg, opts.seed)
+        after = pruning.size_of(model, loaded.cfg)
+        weights = model.state_dict()
+        cfg = dataclasses.replace(loaded.cfg, run_name=name)
+        state = {"model": weights, "ema": weights, "config": config.config_to_dict(cfg), "step": loaded.step,
+                 "pruning": {**settings, "parameters": [before[0], after[0]], "flops": [before[1], after[1]]}}
+        utils.save_checkpoint(state, path)
+        print(f"wrote {path}: {opts.ratio:g} of the channels of {loaded.source} pruned")
+        print(describe_size("original", before))
+        print(describe_size("pruned", after) + f" ({after[1] / before[1]:.2f}x the FLOPs)")
+        report(opts, loaded, path)
+    steps = opts.finetune_steps if opts.finetune_steps >= 0 else round(0.1 * (loaded.step or 0))
+    if steps == 0:
+        print(f"no fine-tuning; sample the pruned model with python sample.py --checkpoint {path}")
+        return path
+    done, _ = utils.load_latest_checkpoint(run_dir)
+    if done is None or utils.load_checkpoint(done)["step"] < steps:
+        print(f"fine-tuning {path} for {steps} steps as run {name}")
+        train.main(["--init-from", str(path), "--run-name", name, "--max-steps", str(steps),
+                    "--warmup-steps", str(max(1, steps // 10)), *(["--lr", str(opts.lr)] if opts.lr else [])])
+    last = run_dir / "last.pt"
+    if utils.load_checkpoint(last)["step"] < steps:  # stopped by a signal: train.py saved and said so
+        raise utils.UsageError(f"the fine-tuning of {name} stopped before its {steps} steps; run the same command "
+                               f"again to resume it")
+    report(opts, loaded, last)
+    return last
 
 
 def report(opts, loaded, path):
@@ -210,6 +307,8 @@ def run(action, opts):
     check_options(opts)
     if action == "quantize":
         return quantize(opts)
+    if action == "prune":
+        return prune(opts)
     raise utils.UsageError(f"unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
 
 

@@ -129,6 +129,11 @@ class Config:
     distill_guidance: float = flag_field(1.0, "classifier-free guidance scale of the teacher's steps, for a model "
                                               "trained with labels; the student learns the guided result")
 
+    # --- fine-tuning (compress.py prune) ---
+    init_from: str = flag_field("", "start a new run from this checkpoint's EMA weights, in their layer shapes (a "
+                                    "model pruned by compress.py prune), and its settings: flags given change them, "
+                                    "but not the model; needs --run-name; empty = random initial weights")
+
     def __post_init__(self):
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -203,6 +208,10 @@ def validate(cfg):
         _check(bool(cfg.teacher) and 1 <= cfg.student_steps <= cfg.timesteps // 2,
                f"distillation needs both teacher and student_steps, from 1 to timesteps / 2 = {cfg.timesteps // 2} "
                f"(got teacher {cfg.teacher!r}, student_steps {cfg.student_steps})")
+    if cfg.init_from:
+        _check(not cfg.teacher, "a run starts from either --init-from or --teacher (a student starts as its "
+                                "teacher), not both")
+        _check(bool(cfg.run_name), "a run started --init-from a checkpoint needs its own --run-name")
     _check(cfg.distill_guidance >= 0, f"distill_guidance must be 0 or more, got {cfg.distill_guidance}")
 
     if cfg.dataset in DATASET_CHANNELS:

@@ -119,10 +119,10 @@ def load_model_from_checkpoint(path, state, use_ema=True):
         raise utils.CheckpointError(f"{path} holds no {key!r} weights; try {'--no-ema' if use_ema else '--ema'}")
     if "compression" in state:  # compress.py quantize: bf16 / fp16 weights, or an int8 model
         return quantization.load_quantized(state[key], cfg, state["compression"]), cfg
-    model = create_model(cfg)
     try:
+        model = create_model(cfg, state[key])  # in the weights' layer shapes: a pruned model's are its own
         model.load_state_dict(state[key])
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise utils.CheckpointError(f"the weights in {path} do not fit the model its config describes "
                               f"({reason[:200]})") from error

@@ -263,8 +263,38 @@ class UNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
-def create_model(cfg):
-    """The U-Net described by the model fields of a Config."""
-    return UNet(image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes,
-                base_channels=cfg.base_channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks,
-                attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout)
+def fit_layers(model, weights):
+    """Rebuild every convolution, linear layer, GroupNorm and embedding of `model` whose weight in the state dict
+    `weights` has another shape, so that `weights` loads; returns the model.
+
+    A pruned U-Net (compress.py prune) is the config's U-Net with fewer channels in some layers and the same
+    connections: its checkpoint holds the layer shapes, and this rebuilds them, with no pruning library. A
+    GroupNorm keeps its 32 groups (pruning keeps every group's share of channels equal); attention keeps its
+    heads, each with fewer channels. The rebuilt layers are freshly initialised: load the weights next."""
+    for name, layer in list(model.named_modules()):
+        shape = getattr(weights.get(f"{name}.weight"), "shape", None)
+        if shape is None or shape == layer.weight.shape:
+            continue
+        if isinstance(layer, nn.Conv2d):
+            fitted = nn.Conv2d(shape[1] * layer.groups, shape[0], layer.kernel_size, layer.stride, layer.padding,
+                               groups=layer.groups, bias=layer.bias is not None)
+        elif isinstance(layer, nn.Linear):
+            fitted = nn.Linear(shape[1], shape[0], bias=layer.bias is not None)
+        elif isinstance(layer, GroupNorm):
+            fitted = GroupNorm(shape[0])
+        elif isinstance(layer, nn.Embedding):
+            fitted = nn.Embedding(shape[0], shape[1])
+        else:
+            continue  # load_state_dict names what does not fit
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, fitted)
+    return model
+
+
+def create_model(cfg, weights=None):
+    """The U-Net described by the model fields of a Config; with `weights` (a state dict), in their layer shapes
+    (fit_layers), for a pruned model's checkpoint."""
+    model = UNet(image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes,
+                 base_channels=cfg.base_channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks,
+                 attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout)
+    return model if weights is None else fit_layers(model, weights)

@@ -178,8 +178,9 @@ class Int8UNet(nn.Module):
         observers' ranges, and convert. Raises utils.CheckpointError when they do not fit."""
         scales = compression["weight_scales"]
         zero_points = compression["weight_zero_points"]
-        prepared = prepare_int8(create_model(cfg), cfg, compression["reduce_range"], compression["float_modules"])
         state = dequantize(state, scales, zero_points)
+        prepared = prepare_int8(create_model(cfg, state), cfg, compression["reduce_range"],
+                                compression["float_modules"])
         try:
             prepared.load_state_dict(state)
             # The per-channel observers' own loading skips their eps (the smallest scale), which the quantizer
@@ -217,7 +218,7 @@ def load_quantized(state, cfg, compression, compile=True):
     the float32 U-Net for bf16 / fp16 weights, an Int8UNet for int8."""
     if compression["mode"] == "int8":
         return Int8UNet.from_entries(state, compression, cfg, compile)
-    model = create_model(cfg)
+    model = create_model(cfg, state)  # in the weights' layer shapes (a pruned model's)
     model.load_state_dict(state)  # the copy casts to float32
     return model.eval()
 

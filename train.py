@@ -45,9 +45,9 @@ UNPLANNED = 10 ** 12  # the length of a --time-budget run until it has timed its
 
 def setup(argv):
     """Parse the flags, join the process group, resolve the config and the checkpoint to resume from, and pick the
-    device: (cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state), where
-    teacher_state is the --teacher checkpoint of a distillation run (else None). A user mistake exits with one
-    sentence."""
+    device: (cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state,
+    init_state), where teacher_state is the --teacher checkpoint of a distillation run and init_state the
+    --init-from checkpoint of a new fine-tuning run (else None). A user mistake exits with one sentence."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_flags(parser)
     args = parser.parse_args(argv)
@@ -59,13 +59,17 @@ def setup(argv):
         if teacher_state is not None and checkpoint is None:  # a new distillation run: the teacher's model and data
             teacher_cfg = config.config_from_dict(teacher_state["config"])
             cfg = distillation.student_config(cfg, teacher_cfg, overrides)
+        init_state = None
+        if cfg.init_from and checkpoint is None:  # a new fine-tuning run: the model and settings of the checkpoint
+            init_state = training.initial_weights(cfg.init_from)
+            cfg = training.fine_tune_config(cfg, config.config_from_dict(init_state["config"]), overrides)
         device = utils.resolve_device(cfg.device)
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", local_rank)
         amp_dtype = utils.resolve_amp(cfg.amp, device)
     except config.UserError as error:
         config.fail(error)
-    return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state
+    return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state, init_state
 
 
 def teacher_model(cfg, teacher_state, device):
@@ -323,7 +327,8 @@ def broadcast(value, distributed, device):
 def main(argv=None):
     start = training.clock()  # a --time-budget counts from here
     # -- setup: processes, config, checkpoint, device --
-    cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state = setup(argv)
+    cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state, init_state = \
+        setup(argv)
     distributed = world_size > 1
     is_main = rank == 0
     # Each process draws its own noise and timesteps; the seed decides them all.
@@ -338,7 +343,13 @@ def main(argv=None):
     total_steps = UNPLANNED if cfg.time_budget else cfg.max_steps or cfg.epochs * steps_per_epoch
 
     # -- state: model, EMA, optimizer, LR schedule, scaler; restored from the checkpoint --
-    state = TrainingState(cfg, device, amp_dtype, total_steps)
+    # The layer shapes come with the weights (a pruned model's are its own): from the checkpoint, else the start.
+    start_weights = (teacher_state or init_state or {}).get("ema")
+    state = TrainingState(cfg, device, amp_dtype, total_steps,
+                          weights=checkpoint["model"] if checkpoint is not None else start_weights)
+    if init_state is not None:  # fine-tuning: the run starts as the model it fine-tunes
+        state.model.load_state_dict(init_state["ema"])
+        state.ema_model.load_state_dict(init_state["ema"])
     if checkpoint is not None:
         try:
             notice = state.restore(checkpoint, rank, world_size)

@@ -43,9 +43,9 @@ class TrainingState:
     so far (train_seconds). `model` is the plain module; `train_model` is what the loop calls (DDP- or
     compile-wrapped)."""
 
-    def __init__(self, cfg, device, amp_dtype, total_steps):
+    def __init__(self, cfg, device, amp_dtype, total_steps, weights=None):
         self.cfg = cfg
-        self.model = create_model(cfg).to(device)
+        self.model = create_model(cfg, weights).to(device)  # weights: a state dict whose layer shapes it takes
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         # fused: one kernel per tensor, where the default on a CPU is a Python loop of ~10 ops per tensor (the gain
         # is in README, Speed notes); also the fastest Adam on CUDA.
@@ -393,6 +393,37 @@ def resolve_run(preset, overrides, rank=0):
         print(f"notice: resuming {path} with changed settings: "
               + ", ".join(f"{name}={value!r}" for name, value in changes.items()))
     return resumed, path, state
+
+
+def initial_weights(path):
+    """The checkpoint a new run starts --init-from: it must hold EMA weights in float (not compressed)."""
+    state = utils.load_checkpoint(path)
+    if "compression" in state or "ema" not in state:
+        what = "is compressed" if "compression" in state else "holds no EMA weights"
+        raise utils.CheckpointError(f"{path} {what}, so no run can start from it; start from a float checkpoint")
+    return state
+
+
+DISTILLATION_FIELDS = ("teacher", "student_steps", "distill_guidance")
+
+
+def fine_tune_config(cfg, source_cfg, overrides):
+    """The config of a new run started --init-from a checkpoint trained with `source_cfg`: that run's settings,
+    with the fields a user set (`overrides`, as `cfg` has them), this run's name, and no distillation. A flag that
+    would change the model raises ConfigError; a length (--max-steps, --epochs) replaces the other length and a
+    time budget, as it does a preset's."""
+    for name in config.ARCHITECTURE_FIELDS:
+        if name in overrides and overrides[name] != getattr(source_cfg, name):
+            raise config.ConfigError(f"--{name.replace('_', '-')} {overrides[name]} would change the model of "
+                                     f"{cfg.init_from} (its {name} is {getattr(source_cfg, name)}); fine-tuning "
+                                     f"keeps the model")
+    own = {name: getattr(cfg, name) for name in (*overrides, "run_name", "resume", "init_from")}
+    if "max_steps" in overrides or "epochs" in overrides:
+        own.setdefault("time_budget", "")
+        own.setdefault("epochs" if "max_steps" in overrides else "max_steps", 0)
+    defaults = config.Config()
+    own.update({name: getattr(defaults, name) for name in DISTILLATION_FIELDS})
+    return dataclasses.replace(source_cfg, **own)
 
 
 def infinite_batches(loader, sampler, batches_per_epoch, epoch, batch_in_epoch):

@@ -1,0 +1,71 @@
+"""Structured channel pruning of the U-Net: the same network with fewer channels, scored on the diffusion loss.
+
+    pruned = prune_unet(model, diffusion, batches, ratio=0.3)   # in place; batches: (x0, y or None) pairs
+    params, flops = size_of(pruned, cfg)                         # parameters, and FLOPs of one image's forward
+
+Torch-Pruning (Fang et al. 2023, DepGraph) finds the groups of channels that must go together: a block's output
+and the skip path it is added to, the channels a decoder block concatenates from the encoder, a GroupNorm's groups
+(every group keeps the same number of channels, so each layer's width stays a multiple of 32) and the attention heads
+(each head keeps the same channels; the number of heads stays). Every group loses `ratio` of its channels, the
+least important ones, as Diff-Pruning (Fang et al. 2023) scores them: the first-order Taylor estimate |w x dL/dw|
+of the loss change, with the gradients of the diffusion training loss summed over `batches` (so over many
+timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
+keep their channels, so the pruned model takes and returns what the original does.
+
+The result is an ordinary UNet whose layers have fewer channels: its state dict is all a checkpoint needs, and
+model.create_model(cfg, weights) rebuilds it without this library (model.fit_layers). Imports torch_pruning.
+"""
+
+import torch
+
+import utils
+from model import SelfAttention
+
+
+def _torch_pruning():
+    """The library, imported when needed, or one sentence on how to install it."""
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise utils.UsageError("pruning needs Torch-Pruning: pip install torch-pruning (see requirements.txt)") \
+            from error
+    return torch_pruning
+
+
+def example_inputs(cfg, batch_size=1):
+    """Inputs of one network call, (x_t, t) or (x_t, t, y), for tracing the model and counting its FLOPs."""
+    x = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    t = torch.full((batch_size,), cfg.timesteps // 2, dtype=torch.long)
+    return (x, t, torch.zeros(batch_size, dtype=torch.long)) if cfg.num_classes else (x, t)
+
+
+def size_of(model, cfg):
+    """(parameters, FLOPs of one image's forward pass as utils.count_flops counts them)."""
+    was_training = model.training
+    flops = utils.count_flops(model.eval(), *example_inputs(cfg))
+    model.train(was_training)
+    return sum(p.numel() for p in model.parameters()), flops
+
+
+def prune_unet(model, diffusion, batches, ratio, cfg, seed=0):
+    """Remove `ratio` of the channels of every prunable group of the float32 UNet `model`, in place, the least
+    important first (module docstring); `batches` are (x0, y or None) pairs whose diffusion loss
+    (diffusion.training_loss, its timesteps and noise drawn from `seed`) scores them. Returns the model, in eval
+    mode."""
+    tp = _torch_pruning()
+    heads = {}
+    for layer in model.modules():
+        if isinstance(layer, SelfAttention):
+            heads.update({projection: layer.num_heads for projection in (layer.q, layer.k, layer.v)})
+    model.eval()  # tracing: no dropout
+    pruner = tp.pruner.MetaPruner(model, example_inputs(cfg, 2), importance=tp.importance.TaylorImportance(),
+                                  pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads)
+    model.train()
+    model.zero_grad()
+    with torch.random.fork_rng(devices=[]):  # the same channels every time, and the caller's random draws untouched
+        torch.manual_seed(seed)
+        for x0, y in batches:
+            diffusion.training_loss(model, x0, y).backward()  # the gradients add up over the batches
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()

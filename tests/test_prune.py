@@ -1,0 +1,184 @@
+"""pruning.py, compress.py prune and train.py --init-from: the pruned U-Net keeps its inputs, outputs and
+connections with fewer channels, its checkpoint loads without the pruning library, and its fine-tuning is an
+ordinary run (starts as the pruned model, resumes bit for bit).
+
+Each test works in its own temporary folder with a tiny hand-made checkpoint (16x16, T = 20).
+"""
+
+import sys
+
+import pytest
+import torch
+
+import compress
+import config
+import inference
+import model as unet
+import pruning
+import train
+import training
+import utils
+from conftest import tiny_checkpoint
+from diffusion import create_diffusion
+
+PRUNE = ["--importance-batches", "1", "--batch-size", "4", "--compare-images", "0", "--finetune-steps", "0"]
+TRAIN_FLAGS = ["--batch-size", "4", "--num-workers", "0", "--sample-every", "0", "--device", "cpu",
+               "--lr-schedule", "constant", "--warmup-steps", "0"]
+
+
+@pytest.fixture(autouse=True)
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tiny_checkpoint("tiny", 0, seed=0, step=40)
+
+
+def prune(*flags):
+    """compress.py prune on the tiny run; returns the path it wrote and the file, read with weights_only."""
+    path = compress.run(*compress.parse_options(["prune", "--run-name", "tiny", *PRUNE, *flags]))
+    return path, utils.load_checkpoint(path)
+
+
+def outputs(model, cfg, y=None, seed=1, batch=3):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
+    t = torch.randint(0, cfg.timesteps, (batch,), generator=generator)
+    with torch.no_grad():
+        return model(x, t) if y is None else model(x, t, y)
+
+
+def is_subsequence(small, large):
+    """Whether the values of `small` appear in `large` in the same order (what pruning a 1-D tensor leaves)."""
+    values = iter(large.tolist())
+    return all(any(value == other for other in values) for value in small.tolist())
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_pruning_removes_channels_group_by_group_and_keeps_what_goes_in_and_out(num_classes):
+    tiny_checkpoint("labelled", num_classes, seed=1)
+    loaded = inference.load_model("labelled")
+    cfg = loaded.cfg
+    original = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+    batches = [(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3]) if num_classes else None)]
+    pruned = pruning.prune_unet(loaded.model, create_diffusion(cfg), batches, 0.5, cfg)
+    params, flops = pruning.size_of(pruned, cfg)
+    full_params, full_flops = pruning.size_of(unet.create_model(cfg), cfg)
+    assert params < 0.7 * full_params and flops < 0.85 * full_flops
+    y = torch.tensor([2, 0, 4]) if num_classes else None  # 4: the null label
+    assert outputs(pruned, cfg, y).shape == (3, 3, 16, 16)
+    state = pruned.state_dict()
+    assert state["stem.weight"].shape[1] == 3 and state["out_conv.weight"].shape[0] == 3  # the image's channels
+    assert state["time_mlp.0.weight"].shape[1] == cfg.base_channels  # the timestep's sinusoid
+    shrunk = [name for name, tensor in state.items() if tensor.shape != original[name].shape]
+    assert "up.0.blocks.0.conv1.weight" in shrunk  # the decoder's blocks: 64 -> 32 inner channels
+    for name, tensor in state.items():
+        if name.endswith("bias"):  # each layer kept some of its own channels, in order, with their trained values
+            assert is_subsequence(tensor, original[name]), name
+    for layer in pruned.modules():
+        if isinstance(layer, unet.GroupNorm):
+            assert layer.num_groups == 32 and layer.weight.numel() % 32 == 0
+        if isinstance(layer, unet.SelfAttention):
+            assert layer.q.out_features % layer.num_heads == 0
+
+
+def test_a_pruned_checkpoint_loads_without_the_library_and_predicts_what_the_pruned_model_does(monkeypatch):
+    path, state = prune("--ratio", "0.5")
+    assert path.name == "pruned.pt" and path.parent.name == "tiny-prune0.5"
+    assert state["pruning"]["ratio"] == 0.5 and state["pruning"]["flops"][1] < state["pruning"]["flops"][0]
+    assert state["config"]["run_name"] == "tiny-prune0.5"
+    loaded = inference.load_model("tiny")
+    batches = compress.importance_batches(loaded.cfg, compress.CompressOptions(importance_batches=1, batch_size=4))
+    in_memory = pruning.prune_unet(loaded.model, create_diffusion(loaded.cfg), batches, 0.5, loaded.cfg)
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import torch_pruning now fails
+    reloaded = inference.load_model(checkpoint=str(path)).model
+    torch.testing.assert_close(outputs(reloaded, loaded.cfg), outputs(in_memory, loaded.cfg), rtol=0, atol=0)
+    with pytest.raises(utils.UsageError, match="pip install torch-pruning"):
+        pruning.prune_unet(reloaded, create_diffusion(loaded.cfg), batches, 0.5, loaded.cfg)
+
+
+def test_ratio_zero_leaves_the_model_as_it_was():
+    _, state = prune("--ratio", "0")
+    original = inference.load_model("tiny").model.state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(state["ema"][name], tensor), name
+
+
+def test_fit_layers_refuses_weights_of_another_model_in_one_sentence():
+    _, state = prune("--ratio", "0.5")
+    state["ema"]["up.0.blocks.0.norm2.weight"] = torch.ones(20)  # 20 channels cannot make 32 groups
+    utils.save_checkpoint(state, utils.CHECKPOINT_DIR / "broken" / "last.pt")
+    with pytest.raises(utils.CheckpointError, match="do not fit the model its config describes"):
+        inference.load_model("broken")
+
+
+def test_fine_tuning_starts_as_the_pruned_model_and_resumes_bit_for_bit():
+    path, pruned = prune("--ratio", "0.5")
+    flags = ["--init-from", str(path), *TRAIN_FLAGS]
+    train.main([*flags, "--run-name", "first", "--max-steps", "1", "--lr", "1e-30"])
+    start = utils.load_checkpoint("checkpoints/first/last.pt")
+    for name, tensor in pruned["ema"].items():
+        torch.testing.assert_close(start["model"][name], tensor)
+    # The source run's settings, the fine-tuning's own name and length.
+    assert start["config"]["channel_mults"] == [1, 2] and start["config"]["timesteps"] == 20
+    assert start["config"]["run_name"] == "first" and start["config"]["init_from"] == str(path)
+
+    train.main([*flags, "--run-name", "straight", "--max-steps", "4"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "2"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "4"])
+    straight = utils.load_checkpoint("checkpoints/straight/last.pt")
+    resumed = utils.load_checkpoint("checkpoints/stopped/last.pt")
+    assert straight["step"] == resumed["step"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert any(not torch.equal(tensor, pruned["ema"][name]) for name, tensor in straight["model"].items())
+    assert outputs(inference.load_model("straight").model, inference.load_model("tiny").cfg).shape == (3, 3, 16, 16)
+
+
+def test_prune_fine_tunes_for_a_tenth_of_the_steps_and_reuses_its_work_when_run_again(capsys):
+    flags = PRUNE[:-2]  # the default fine-tuning
+    path = compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
+    assert path == utils.CHECKPOINT_DIR / "tiny-prune0.5" / "last.pt"
+    assert utils.load_checkpoint(path)["step"] == 4  # 10% of the 40 steps the tiny run was trained
+    capsys.readouterr()
+    compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
+    out = capsys.readouterr().out
+    assert "pruned before with these settings, reused" in out and "fine-tuning" not in out
+    with pytest.raises(utils.UsageError, match="pruned with other settings"):
+        compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags,
+                                              "--importance-batches", "2", "--output", "tiny-prune0.5"]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--init-from", "checkpoints/tiny/last.pt"], "needs its own --run-name"),
+    (["--init-from", "checkpoints/tiny/last.pt", "--run-name", "x", "--teacher", "checkpoints/tiny/last.pt",
+      "--student-steps", "2"], "not both"),
+    (["--init-from", "checkpoints/tiny/last.pt", "--run-name", "x", "--base-channels", "64"],
+     "would change the model"),
+    (["--init-from", "checkpoints/tiny-bf16/last.pt", "--run-name", "x"], "is compressed"),
+])
+def test_init_from_refuses_what_cannot_work_in_one_sentence(flags, message, capsys):
+    compress.run(*compress.parse_options(["quantize", "--run-name", "tiny", "--mode", "bf16", "--compare-images",
+                                          "0"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        train.main([*flags, *TRAIN_FLAGS, "--max-steps", "1"])
+    assert exit.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_fine_tune_config_takes_the_source_settings_and_the_flags_given():
+    source = config.get_config("demo", lr=3e-3, ema_decay=0.99, time_budget="5m", run_name="src")
+    cfg = config.get_config("cifar10", init_from="x.pt", run_name="ft", max_steps=10)
+    tuned = training.fine_tune_config(cfg, source, {"init_from": "x.pt", "run_name": "ft", "max_steps": 10})
+    assert tuned.lr == 3e-3 and tuned.ema_decay == 0.99 and tuned.dataset == "shapes" and tuned.preset == "demo"
+    assert tuned.max_steps == 10 and tuned.time_budget == "" and tuned.run_name == "ft"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ratio", "1"], "--ratio must be in [0, 1)"),
+    (["--importance-batches", "0"], "--importance-batches must be at least 1"),
+    (["--finetune-steps", "-2"], "--finetune-steps must be at least -1"),
+])
+def test_prune_refuses_impossible_options(flags, message):
+    with pytest.raises(utils.UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        prune(*flags)
