@@ -221,13 +221,18 @@ def build_ours(cfg, device, amp_dtype, batch_size, sample_steps, channels_last=F
 
 def build_run(run, device, amp_dtype, batch_size, sample_steps, compile=False, seed=0):
     """A run's checkpoint (inference.load_model: a trained run or a compressed one), sampled as sample.py samples
-    it; it is not trained. Its parameters and FLOPs are those of its float U-Net (a pruned one has its own), and for
-    an int8 model those of the float U-Net of its config (an int8 layer does the same multiply-adds)."""
+    it; it is not trained. Its parameters and FLOPs are those of its float U-Net (a pruned one has its own), for an
+    int8 model those of the float U-Net it was made from (an int8 layer does the same multiply-adds)."""
     loaded = inference.load_model(run)
     print(f"{run}: {loaded.source}")
     int8 = isinstance(loaded.model, quantization.Int8UNet)
     # In float32, for counting: sampling stores the weights in the autocast dtype.
-    float_model = (create_model(loaded.cfg) if int8 else copy.deepcopy(loaded.model)).to(device).eval()
+    if int8:  # the shapes alone, on the meta device: no weights are copied
+        shapes = {name: torch.empty(shape, device="meta") for name, shape in loaded.model.weight_shapes.items()}
+        float_model = create_model(loaded.cfg, shapes)
+    else:
+        float_model = copy.deepcopy(loaded.model)
+    float_model = float_model.to(device).eval()
     sample_forward = inference.prepare_for_sampling(loaded.model, device, None if int8 else amp_dtype, compile)
     diffusion = create_diffusion(loaded.cfg)
     _, x_T = random_batch(loaded.cfg, batch_size, device, False, seed)

@@ -101,8 +101,10 @@ def check_options(opts):
                                ("--finetune-steps", opts.finetune_steps, -1)):
         if value < least:
             raise utils.UsageError(f"{flag} must be at least {least}, got {value}")
-    if not 0 <= opts.ratio < 1 or opts.lr < 0:
-        raise utils.UsageError(f"--ratio must be in [0, 1) and --lr 0 or positive, got {opts.ratio} and {opts.lr}")
+    if not 0 <= opts.ratio < 1:
+        raise utils.UsageError(f"--ratio must be in [0, 1), got {opts.ratio}")
+    if opts.lr < 0:
+        raise utils.UsageError(f"--lr must be 0 (the original run's) or positive, got {opts.lr}")
 
 
 def output_run(opts, loaded, suffix):
@@ -113,9 +115,12 @@ def output_run(opts, loaded, suffix):
         raise utils.UsageError(f"--output {name} is the run being compressed; choose another name")
     run_dir = utils.CHECKPOINT_DIR / name
     path, state = utils.load_latest_checkpoint(run_dir) if run_dir.is_dir() else (None, None)
-    fine_tuning = path is not None and state["config"].get("init_from") == str(run_dir / "pruned.pt")
-    if path is not None and "compression" not in state and not (fine_tuning and suffix.startswith("prune")):
-        raise utils.UsageError(f"{run_dir} holds the checkpoints of a trained run, which this would replace; choose "
+    if path is None:
+        return name, run_dir
+    pruning = suffix.startswith("prune")
+    ours = state["config"].get("init_from") == str(run_dir / "pruned.pt") if pruning else "compression" in state
+    if not ours:
+        raise utils.UsageError(f"{run_dir} holds the checkpoints of another run, which this would replace; choose "
                                f"another --output")
     return name, run_dir
 
@@ -229,6 +234,12 @@ def prune(opts):
     loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     if loaded.compression:
         raise utils.UsageError(f"{loaded.source} is already compressed; prune the float run it was made from")
+    if loaded.cfg.teacher:
+        raise utils.UsageError(f"{loaded.source} is a distilled student, which learns from its teacher, not from "
+                               f"the data; prune its teacher and distil again")
+    if opts.finetune_steps == -1 and not loaded.step:
+        raise utils.UsageError(f"{loaded.source} does not say how many steps it was trained, so 10% of them is "
+                               f"unknown; give --finetune-steps N")
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(loaded.cfg, opts))
     name, run_dir = output_run(opts, loaded, f"prune{opts.ratio:g}")
     path = run_dir / "pruned.pt"
@@ -236,6 +247,9 @@ def prune(opts):
                 "batch_size": opts.batch_size, "seed": opts.seed}
     if path.exists():
         state = utils.load_checkpoint(path)
+        if "pruning" not in state:
+            raise utils.UsageError(f"{path} was not written by compress.py prune; move it away, or choose another "
+                                   f"--output")
         if {key: state["pruning"].get(key) for key in settings} != settings:
             raise utils.UsageError(f"{path} was pruned with other settings ({state['pruning']}); choose another "
                                    f"--output, or move {run_dir} away")
@@ -255,7 +269,7 @@ def prune(opts):
         print(describe_size("original", before))
         print(describe_size("pruned", after) + f" ({after[1] / before[1]:.2f}x the FLOPs)")
         report(opts, loaded, path)
-    steps = opts.finetune_steps if opts.finetune_steps >= 0 else round(0.1 * (loaded.step or 0))
+    steps = opts.finetune_steps if opts.finetune_steps >= 0 else max(1, round(0.1 * loaded.step))
     if steps == 0:
         print(f"no fine-tuning; sample the pruned model with python sample.py --checkpoint {path}")
         return path

@@ -273,8 +273,8 @@ def fit_layers(model, weights):
     heads, each with fewer channels. The rebuilt layers are freshly initialised: load the weights next."""
     for name, layer in list(model.named_modules()):
         shape = getattr(weights.get(f"{name}.weight"), "shape", None)
-        if shape is None or shape == layer.weight.shape:
-            continue
+        if shape is None or shape == getattr(getattr(layer, "weight", None), "shape", shape):
+            continue  # no such weight, the same shape, or a layer without weights (load_state_dict names it)
         if isinstance(layer, nn.Conv2d):
             fitted = nn.Conv2d(shape[1] * layer.groups, shape[0], layer.kernel_size, layer.stride, layer.padding,
                                groups=layer.groups, bias=layer.bias is not None)

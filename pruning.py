@@ -34,7 +34,8 @@ def _torch_pruning():
 
 def example_inputs(cfg, batch_size=1):
     """Inputs of one network call, (x_t, t) or (x_t, t, y), for tracing the model and counting its FLOPs."""
-    x = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    generator = torch.Generator().manual_seed(0)  # not the global RNG, whose draws belong to the caller
+    x = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
     t = torch.full((batch_size,), cfg.timesteps // 2, dtype=torch.long)
     return (x, t, torch.zeros(batch_size, dtype=torch.long)) if cfg.num_classes else (x, t)
 
@@ -52,14 +53,15 @@ def prune_unet(model, diffusion, batches, ratio, cfg, seed=0):
     important first (module docstring); `batches` are (x0, y or None) pairs whose diffusion loss
     (diffusion.training_loss, its timesteps and noise drawn from `seed`) scores them. Returns the model, in eval
     mode."""
-    tp = _torch_pruning()
+    torch_pruning = _torch_pruning()
     heads = {}
     for layer in model.modules():
         if isinstance(layer, SelfAttention):
             heads.update({projection: layer.num_heads for projection in (layer.q, layer.k, layer.v)})
     model.eval()  # tracing: no dropout
-    pruner = tp.pruner.MetaPruner(model, example_inputs(cfg, 2), importance=tp.importance.TaylorImportance(),
-                                  pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads)
+    pruner = torch_pruning.pruner.MetaPruner(model, example_inputs(cfg, 2),
+                                             importance=torch_pruning.importance.TaylorImportance(),
+                                             pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads)
     model.train()
     model.zero_grad()
     with torch.random.fork_rng(devices=[]):  # the same channels every time, and the caller's random draws untouched

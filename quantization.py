@@ -161,10 +161,11 @@ class Int8UNet(nn.Module):
     model(x_t, t) or model(x_t, t, y), and returns float32 (B, C, H, W). The first calls compile it (inductor, with
     freezing): about a minute for the demo's model on 2 cores, paid back after a few hundred network calls."""
 
-    def __init__(self, graph, num_classes, compile=True):
+    def __init__(self, graph, num_classes, compile=True, weight_shapes=None):
         super().__init__()
         self.graph = graph
         self.num_classes = num_classes
+        self.weight_shapes = weight_shapes or {}  # name -> shape of the float U-Net's tensors (a pruned one's own)
         if compile:
             inductor_config.freezing = True  # weights become constants of the graph: int8 kernels with prepacking
             self.run = torch.compile(graph)
@@ -193,7 +194,8 @@ class Int8UNet(nn.Module):
             raise utils.CheckpointError(f"the int8 weights do not fit the graph this torch builds from the config "
                                         f"(made with another version? quantize the float run again): "
                                         f"{reason[:200]}") from error
-        return cls(convert_int8(prepared), cfg.num_classes, compile)
+        shapes = {name: tensor.shape for name, tensor in state.items()}
+        return cls(convert_int8(prepared), cfg.num_classes, compile, shapes)
 
     def train(self, mode=True):
         """An exported graph has no train mode (torch.export fixed it at eval): this only sets the flag, so

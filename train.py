@@ -63,6 +63,9 @@ def setup(argv):
         if cfg.init_from and checkpoint is None:  # a new fine-tuning run: the model and settings of the checkpoint
             init_state = training.initial_weights(cfg.init_from)
             cfg = training.fine_tune_config(cfg, config.config_from_dict(init_state["config"]), overrides)
+        elif cfg.init_from and checkpoint["config"].get("init_from") != cfg.init_from:
+            raise utils.UsageError(f"{resume_path} is a run that did not start from {cfg.init_from}, and a run "
+                                   f"starts --init-from a checkpoint only when it is new; choose another --run-name")
         device = utils.resolve_device(cfg.device)
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -327,8 +330,8 @@ def broadcast(value, distributed, device):
 def main(argv=None):
     start = training.clock()  # a --time-budget counts from here
     # -- setup: processes, config, checkpoint, device --
-    cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state, init_state = \
-        setup(argv)
+    (cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state,
+     init_state) = setup(argv)
     distributed = world_size > 1
     is_main = rank == 0
     # Each process draws its own noise and timesteps; the seed decides them all.
@@ -345,11 +348,16 @@ def main(argv=None):
     # -- state: model, EMA, optimizer, LR schedule, scaler; restored from the checkpoint --
     # The layer shapes come with the weights (a pruned model's are its own): from the checkpoint, else the start.
     start_weights = (teacher_state or init_state or {}).get("ema")
-    state = TrainingState(cfg, device, amp_dtype, total_steps,
-                          weights=checkpoint["model"] if checkpoint is not None else start_weights)
-    if init_state is not None:  # fine-tuning: the run starts as the model it fine-tunes
-        state.model.load_state_dict(init_state["ema"])
-        state.ema_model.load_state_dict(init_state["ema"])
+    try:
+        state = TrainingState(cfg, device, amp_dtype, total_steps,
+                              weights=checkpoint["model"] if checkpoint is not None else start_weights)
+        if init_state is not None:  # fine-tuning: the run starts as the model it fine-tunes
+            state.model.load_state_dict(init_state["ema"])
+            state.ema_model.load_state_dict(init_state["ema"])
+    except (RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        config.fail(f"the weights of {resume_path or cfg.init_from or cfg.teacher} do not fit the model its config "
+                    f"describes ({reason[:200]})")
     if checkpoint is not None:
         try:
             notice = state.restore(checkpoint, rank, world_size)

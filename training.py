@@ -11,6 +11,10 @@ The checkpoint format lives in TrainingState alone: what it holds is written by 
 here is a piece of the loop: the data order that a resume can continue, the learning rate and EMA schedules, the
 gradient step. (Signals and the torchrun setup are in utils.py: sampling uses them too.)
 
+A run can start from another model's weights: TrainingState(..., weights=state_dict) builds the model in their
+layer shapes (a pruned model's are its own), and `initial_weights` / `fine_tune_config` give a new run started
+--init-from a checkpoint that checkpoint's weights and settings.
+
 Imports config, model and utils; no script.
 """
 
@@ -401,15 +405,15 @@ def initial_weights(path):
     if "compression" in state or "ema" not in state:
         what = "is compressed" if "compression" in state else "holds no EMA weights"
         raise utils.CheckpointError(f"{path} {what}, so no run can start from it; start from a float checkpoint")
+    if state["config"].get("teacher"):
+        raise utils.UsageError(f"{path} is a distilled student, which learns from its teacher, not from the data; "
+                               f"fine-tune or prune its teacher and distil again")
     return state
-
-
-DISTILLATION_FIELDS = ("teacher", "student_steps", "distill_guidance")
 
 
 def fine_tune_config(cfg, source_cfg, overrides):
     """The config of a new run started --init-from a checkpoint trained with `source_cfg`: that run's settings,
-    with the fields a user set (`overrides`, as `cfg` has them), this run's name, and no distillation. A flag that
+    with the fields a user set (`overrides`, as `cfg` has them) and this run's name. A flag that
     would change the model raises ConfigError; a length (--max-steps, --epochs) replaces the other length and a
     time budget, as it does a preset's."""
     for name in config.ARCHITECTURE_FIELDS:
@@ -421,8 +425,6 @@ def fine_tune_config(cfg, source_cfg, overrides):
     if "max_steps" in overrides or "epochs" in overrides:
         own.setdefault("time_budget", "")
         own.setdefault("epochs" if "max_steps" in overrides else "max_steps", 0)
-    defaults = config.Config()
-    own.update({name: getattr(defaults, name) for name in DISTILLATION_FIELDS})
     return dataclasses.replace(source_cfg, **own)
 
 

@@ -147,7 +147,7 @@ def test_int8_model_samples_only_on_the_cpu_and_refuses_what_cannot_work():
     with pytest.raises(utils.UsageError, match="already compressed"):
         compress.run(*compress.parse_options(["quantize", "--run-name", "tiny-int8", *SAMPLING]))
     tiny_checkpoint("trained", 0, seed=1)
-    with pytest.raises(utils.UsageError, match="trained run"):
+    with pytest.raises(utils.UsageError, match="holds the checkpoints of another run"):
         compress.run(*compress.parse_options(["quantize", "--run-name", "tiny", "--output", "trained", *SAMPLING]))
     with pytest.raises(utils.UsageError, match="--calibration-images"):
         compress.run(*compress.parse_options(["quantize", "--run-name", "tiny", "--calibration-images", "0"]))

@@ -10,11 +10,13 @@ import sys
 import pytest
 import torch
 
+import benchmark
 import compress
 import config
 import inference
 import model as unet
 import pruning
+import quantization
 import train
 import training
 import utils
@@ -78,6 +80,26 @@ def test_pruning_removes_channels_group_by_group_and_keeps_what_goes_in_and_out(
             assert layer.num_groups == 32 and layer.weight.numel() % 32 == 0
         if isinstance(layer, unet.SelfAttention):
             assert layer.q.out_features % layer.num_heads == 0
+    if num_classes:
+        assert state["label_embed.weight"].shape[1] < original["label_embed.weight"].shape[1]
+    rebuilt = unet.create_model(cfg, state)  # from the state dict alone
+    rebuilt.load_state_dict(state)
+    torch.testing.assert_close(outputs(rebuilt.eval(), cfg, y), outputs(pruned, cfg, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dead", [0, 1])
+def test_the_channels_that_do_not_change_the_loss_go_first(dead):
+    # down.1.blocks.0's inner channels (conv1 -> norm2 -> conv2): 64 in 32 GroupNorm groups of 2, so pruning half
+    # removes one place of every group. Where conv2 ignores the channels at place `dead`, their gradients and so
+    # their Taylor scores are 0: those must go, whichever of the two places it is.
+    loaded = inference.load_model("tiny")
+    block = loaded.model.down[1].blocks[0]
+    with torch.no_grad():
+        block.conv2.weight[:, dead::2] = 0
+    original_bias = block.conv1.bias.detach().clone()
+    batches = [(torch.rand(4, 3, 16, 16) * 2 - 1, None)]
+    pruned = pruning.prune_unet(loaded.model, create_diffusion(loaded.cfg), batches, 0.5, loaded.cfg)
+    assert torch.equal(pruned.down[1].blocks[0].conv1.bias, original_bias[1 - dead::2])
 
 
 def test_a_pruned_checkpoint_loads_without_the_library_and_predicts_what_the_pruned_model_does(monkeypatch):
@@ -117,6 +139,7 @@ def test_fine_tuning_starts_as_the_pruned_model_and_resumes_bit_for_bit():
     start = utils.load_checkpoint("checkpoints/first/last.pt")
     for name, tensor in pruned["ema"].items():
         torch.testing.assert_close(start["model"][name], tensor)
+        torch.testing.assert_close(start["ema"][name], tensor)  # the average starts there too
     # The source run's settings, the fine-tuning's own name and length.
     assert start["config"]["channel_mults"] == [1, 2] and start["config"]["timesteps"] == 20
     assert start["config"]["run_name"] == "first" and start["config"]["init_from"] == str(path)
@@ -137,7 +160,10 @@ def test_prune_fine_tunes_for_a_tenth_of_the_steps_and_reuses_its_work_when_run_
     flags = PRUNE[:-2]  # the default fine-tuning
     path = compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
     assert path == utils.CHECKPOINT_DIR / "tiny-prune0.5" / "last.pt"
-    assert utils.load_checkpoint(path)["step"] == 4  # 10% of the 40 steps the tiny run was trained
+    fine_tuned = utils.load_checkpoint(path)
+    assert fine_tuned["step"] == 4  # 10% of the 40 steps the tiny run was trained
+    assert fine_tuned["config"]["lr"] == inference.load_model("tiny").cfg.lr  # the original's, by default
+    assert fine_tuned["config"]["warmup_steps"] == 1
     capsys.readouterr()
     compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
     out = capsys.readouterr().out
@@ -154,10 +180,13 @@ def test_prune_fine_tunes_for_a_tenth_of_the_steps_and_reuses_its_work_when_run_
     (["--init-from", "checkpoints/tiny/last.pt", "--run-name", "x", "--base-channels", "64"],
      "would change the model"),
     (["--init-from", "checkpoints/tiny-bf16/last.pt", "--run-name", "x"], "is compressed"),
+    (["--init-from", "checkpoints/tiny/last.pt", "--run-name", "tiny"], "did not start from"),
+    (["--init-from", "checkpoints/student/last.pt", "--run-name", "x"], "is a distilled student"),
 ])
 def test_init_from_refuses_what_cannot_work_in_one_sentence(flags, message, capsys):
     compress.run(*compress.parse_options(["quantize", "--run-name", "tiny", "--mode", "bf16", "--compare-images",
                                           "0"]))
+    tiny_checkpoint("student", 0, seed=2, teacher="checkpoints/tiny/last.pt", student_steps=2)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
         train.main([*flags, *TRAIN_FLAGS, "--max-steps", "1"])
@@ -172,6 +201,42 @@ def test_fine_tune_config_takes_the_source_settings_and_the_flags_given():
     tuned = training.fine_tune_config(cfg, source, {"init_from": "x.pt", "run_name": "ft", "max_steps": 10})
     assert tuned.lr == 3e-3 and tuned.ema_decay == 0.99 and tuned.dataset == "shapes" and tuned.preset == "demo"
     assert tuned.max_steps == 10 and tuned.time_budget == "" and tuned.run_name == "ft"
+
+
+def test_prune_refuses_a_student_a_step_count_it_cannot_know_and_a_stranger_pruned_pt(capsys):
+    tiny_checkpoint("student", 0, seed=2, teacher="checkpoints/tiny/last.pt", student_steps=2)
+    with pytest.raises(utils.UsageError, match="is a distilled student"):
+        compress.run(*compress.parse_options(["prune", "--run-name", "student", *PRUNE]))
+    tiny_checkpoint("fresh", 0, seed=3, step=0)
+    with pytest.raises(utils.UsageError, match="give --finetune-steps N"):
+        compress.run(*compress.parse_options(["prune", "--run-name", "fresh", *PRUNE[:-2]]))
+    stranger = utils.CHECKPOINT_DIR / "tiny-prune0.3" / "pruned.pt"
+    stranger.parent.mkdir(parents=True)
+    stranger.write_bytes(utils.CHECKPOINT_DIR.joinpath("tiny", "last.pt").read_bytes())
+    with pytest.raises(utils.UsageError, match="was not written by compress.py prune"):
+        prune()
+    compress.run(*compress.parse_options(["quantize", "--run-name", "tiny", "--mode", "bf16", "--compare-images",
+                                          "0"]))
+    with pytest.raises(utils.UsageError, match="holds the checkpoints of another run"):
+        prune("--output", "tiny-bf16")
+
+
+def test_quantize_and_benchmark_take_a_pruned_model_as_it_is(capsys):
+    path, state = prune("--ratio", "0.5")
+    params = sum(tensor.numel() for tensor in state["ema"].values())
+    int8 = compress.run(*compress.parse_options(["quantize", "--checkpoint", str(path), "--steps", "2",
+                                                 "--calibration-images", "2", "--batch-size", "2",
+                                                 "--compare-images", "0", "--output", "pruned-int8"]))
+    pruned = inference.load_model(checkpoint=str(path))
+    quantized = quantization.load_quantized(utils.load_checkpoint(int8)["ema"], pruned.cfg,
+                                            utils.load_checkpoint(int8)["compression"], compile=False)
+    error = (outputs(quantized, pruned.cfg) - outputs(pruned.model, pruned.cfg)).abs().mean()
+    assert error < 0.1 * outputs(pruned.model, pruned.cfg).abs().mean()
+    utils.save_checkpoint(state, utils.CHECKPOINT_DIR / "pruned" / "last.pt")  # a run of the pruned weights
+    full = sum(p.numel() for p in unet.create_model(pruned.cfg).parameters())
+    for run in ("pruned", "pruned-int8"):
+        contender = benchmark.build_run(run, torch.device("cpu"), None, batch_size=2, sample_steps=1)
+        assert contender.parameters == params < 0.7 * full  # the pruned model's, not the config's full width
 
 
 @pytest.mark.parametrize("flags,message", [
