@@ -273,15 +273,14 @@ def prune(opts):
     if steps == 0:
         print(f"no fine-tuning; sample the pruned model with python sample.py --checkpoint {path}")
         return path
-    done, _ = utils.load_latest_checkpoint(run_dir)
-    if done is None or utils.load_checkpoint(done)["step"] < steps:
+    if utils.finished_step(name) < steps:
         print(f"fine-tuning {path} for {steps} steps as run {name}")
         train.main(["--init-from", str(path), "--run-name", name, "--max-steps", str(steps),
                     "--warmup-steps", str(max(1, steps // 10)), *(["--lr", str(opts.lr)] if opts.lr else [])])
+        if utils.finished_step(name) < steps:  # stopped by a signal: train.py saved and said so
+            raise utils.UsageError(f"the fine-tuning of {name} stopped before its {steps} steps; run the same "
+                                   f"command again to resume it")
     last = run_dir / "last.pt"
-    if utils.load_checkpoint(last)["step"] < steps:  # stopped by a signal: train.py saved and said so
-        raise utils.UsageError(f"the fine-tuning of {name} stopped before its {steps} steps; run the same command "
-                               f"again to resume it")
     report(opts, loaded, last)
     return last
 

@@ -153,6 +153,16 @@ ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels",
                        "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective")
 
 
+def check_same_model(cfg, overrides, saved, source, advice):
+    """Raise ConfigError when a field the user set (a name in `overrides`, its value as `cfg` has it) would change
+    the model or the diffusion (ARCHITECTURE_FIELDS) of `saved`, the config of `source`; `advice` ends the
+    sentence."""
+    for name in ARCHITECTURE_FIELDS:
+        if name in overrides and getattr(cfg, name) != getattr(saved, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} would change the model of {source} "
+                              f"(its {name} is {getattr(saved, name)}); {advice}")
+
+
 DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
 
 

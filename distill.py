@@ -76,12 +76,6 @@ def teacher_checkpoint(name):
     return path, config.config_from_dict(state["config"])
 
 
-def finished_step(run):
-    """The step of the run's newest checkpoint, or 0 when it has none."""
-    path, state = utils.load_latest_checkpoint(utils.CHECKPOINT_DIR / run)
-    return 0 if path is None else state["step"]
-
-
 def main(argv=None):
     opts, train_flags = parse_options(argv)
     try:
@@ -94,14 +88,14 @@ def main(argv=None):
     prefix = opts.run_name or teacher_cfg.name
     for steps in round_steps(opts):
         run = f"{prefix}-pd{steps}"
-        if finished_step(run) >= opts.steps_per_round:
+        if utils.finished_step(run) >= opts.steps_per_round:
             print(f"round {run}: done before, skipped")
         else:
             print(f"round {run}: {steps} DDIM step(s) learn what {2 * steps} of {teacher_path} do")
             train.main(["--preset", teacher_cfg.preset, "--teacher", str(teacher_path), "--student-steps", str(steps),
                         "--run-name", run, "--max-steps", str(opts.steps_per_round), "--lr", str(opts.lr),
                         "--warmup-steps", "0", *train_flags])
-            if finished_step(run) < opts.steps_per_round:  # stopped by a signal: train.py saved and said so
+            if utils.finished_step(run) < opts.steps_per_round:  # stopped by a signal: train.py saved and said so
                 config.fail(f"round {run} stopped before its {opts.steps_per_round} steps; run the same command "
                             f"again to resume it")
         teacher_path = utils.CHECKPOINT_DIR / run / "last.pt"

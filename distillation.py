@@ -36,11 +36,8 @@ def student_config(cfg, teacher_cfg, overrides):
     """The config of a new distillation run: `cfg` with the teacher's architecture and diffusion
     (config.ARCHITECTURE_FIELDS), and its data unless `overrides` (the fields a user set) name other data. A flag
     that would change the architecture raises ConfigError."""
-    for name in config.ARCHITECTURE_FIELDS:
-        if name in overrides and overrides[name] != getattr(teacher_cfg, name):
-            raise config.ConfigError(f"--{name.replace('_', '-')} {overrides[name]} would change the teacher's model "
-                                     f"(its {name} is {getattr(teacher_cfg, name)}); a student has its teacher's "
-                                     f"architecture")
+    config.check_same_model(cfg, overrides, teacher_cfg, f"the teacher {cfg.teacher}",
+                            "a student has its teacher's architecture")
     inherited = [*config.ARCHITECTURE_FIELDS, *(name for name in DATA_FIELDS if name not in overrides)]
     return dataclasses.replace(cfg, **{name: getattr(teacher_cfg, name) for name in inherited})
 

@@ -272,9 +272,10 @@ def fit_layers(model, weights):
     GroupNorm keeps its 32 groups (pruning keeps every group's share of channels equal); attention keeps its
     heads, each with fewer channels. The rebuilt layers are freshly initialised: load the weights next."""
     for name, layer in list(model.named_modules()):
+        weight = getattr(layer, "weight", None)
         shape = getattr(weights.get(f"{name}.weight"), "shape", None)
-        if shape is None or shape == getattr(getattr(layer, "weight", None), "shape", shape):
-            continue  # no such weight, the same shape, or a layer without weights (load_state_dict names it)
+        if weight is None or shape is None or shape == weight.shape:
+            continue  # a layer without weights (load_state_dict names a stray one), no such weight, the same shape
         if isinstance(layer, nn.Conv2d):
             fitted = nn.Conv2d(shape[1] * layer.groups, shape[0], layer.kernel_size, layer.stride, layer.padding,
                                groups=layer.groups, bias=layer.bias is not None)

@@ -374,11 +374,7 @@ def resolve_run(preset, overrides, rank=0):
         state = utils.load_checkpoint(path)
 
     saved = config.config_from_dict(state["config"])
-    for name in config.ARCHITECTURE_FIELDS:
-        if name in overrides and getattr(saved, name) != getattr(cfg, name):
-            raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} would change the model of "
-                             f"checkpoint {path} (trained with {getattr(saved, name)}); use another --run-name "
-                             f"to train a new model")
+    config.check_same_model(cfg, overrides, saved, f"checkpoint {path}", "use another --run-name to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
     planned = state.get("budget_steps")
@@ -416,11 +412,7 @@ def fine_tune_config(cfg, source_cfg, overrides):
     with the fields a user set (`overrides`, as `cfg` has them) and this run's name. A flag that
     would change the model raises ConfigError; a length (--max-steps, --epochs) replaces the other length and a
     time budget, as it does a preset's."""
-    for name in config.ARCHITECTURE_FIELDS:
-        if name in overrides and overrides[name] != getattr(source_cfg, name):
-            raise config.ConfigError(f"--{name.replace('_', '-')} {overrides[name]} would change the model of "
-                                     f"{cfg.init_from} (its {name} is {getattr(source_cfg, name)}); fine-tuning "
-                                     f"keeps the model")
+    config.check_same_model(cfg, overrides, source_cfg, cfg.init_from, "fine-tuning keeps the model")
     own = {name: getattr(cfg, name) for name in (*overrides, "run_name", "resume", "init_from")}
     if "max_steps" in overrides or "epochs" in overrides:
         own.setdefault("time_budget", "")

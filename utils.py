@@ -298,6 +298,12 @@ def load_latest_checkpoint(run_dir, map_location="cpu"):
     return None, None
 
 
+def finished_step(run):
+    """The step of the run's newest checkpoint, or 0 when it has none."""
+    path, state = load_latest_checkpoint(CHECKPOINT_DIR / run)
+    return 0 if path is None else state["step"]
+
+
 def prune_checkpoints(run_dir, keep):
     """Delete all but the newest `keep` step_<N>.pt files (last.pt is never deleted)."""
     for path in step_checkpoints(run_dir)[keep:]:
