@@ -179,11 +179,19 @@ def float32_bytes(model):
     return buffer.tell()
 
 
+def refuse_captioned(loaded):
+    """Raise UsageError for a text-conditional model: its calibration and importance data would need captions."""
+    if loaded.cfg.captioned:
+        raise utils.UsageError(f"{loaded.source} is conditioned on captions, and compress.py does not compress "
+                               f"text-conditional models yet")
+
+
 def quantize(opts):
     """Write the quantized checkpoint of opts.run_name; returns its path."""
     loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     if loaded.compression:
         raise utils.UsageError(f"{loaded.source} is already compressed; quantize the float run it was made from")
+    refuse_captioned(loaded)
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(loaded.cfg, opts))
     name, run_dir = output_run(opts, loaded, opts.mode)
     cfg = dataclasses.replace(loaded.cfg, run_name=name)
@@ -234,6 +242,7 @@ def prune(opts):
     loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     if loaded.compression:
         raise utils.UsageError(f"{loaded.source} is already compressed; prune the float run it was made from")
+    refuse_captioned(loaded)
     if loaded.cfg.teacher:
         raise utils.UsageError(f"{loaded.source} is a distilled student, which learns from its teacher, not from "
                                f"the data; prune its teacher and distil again")

@@ -25,6 +25,8 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "none", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+TEXT_ENCODERS = ("none", "transformer", "clip")
+CAPTIONED_DATASETS = ("shapes", "folder")
 
 
 # Where runs write: checkpoints/RUN/ and results/{images,plots,logs}/RUN/, relative to the working directory.
@@ -49,10 +51,11 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work."""
 
 
-def flag_field(default, help, choices=None):
+def flag_field(default, help, choices=None, flag=True, repeat=False):
     """A dataclass field whose help text serves as its docstring and as its flag's --help; `choices`, if given,
-    limits the flag's values (argparse rejects others with a one-line message)."""
-    metadata = {"help": help, "choices": choices}
+    limits the flag's values (argparse rejects others with a one-line message). flag=False: a field the scripts
+    fill in, with no flag. repeat=True (a tuple): the flag may be given several times, its values collected."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "repeat": repeat}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -79,6 +82,21 @@ class Config:
     attn_resolutions: tuple = flag_field((16, 8), "feature-map sizes (in pixels) that get self-attention")
     num_heads: int = flag_field(8, "attention heads")
     dropout: float = flag_field(0.1, "dropout probability inside the residual blocks")
+
+    # --- text conditioning (text.py; cross-attention in model.py) ---
+    text_encoder: str = flag_field("none", "condition on captions, through cross-attention at attn_resolutions and "
+                                           "in the middle: transformer = a small text encoder trained with the "
+                                           "U-Net over the words of the training captions; clip = a frozen "
+                                           "pretrained CLIP text encoder (pip install transformers); none = no "
+                                           "captions", TEXT_ENCODERS)
+    text_model: str = flag_field("", "for --text-encoder clip: a local folder or Hugging Face Hub id of a CLIP "
+                                     "model; empty = openai/clip-vit-base-patch32")
+    text_dim: int = flag_field(128, "width of the transformer text encoder")
+    text_layers: int = flag_field(2, "layers of the transformer text encoder")
+    max_caption_length: int = flag_field(16, "longest caption, in words (transformer) or CLIP tokens with its "
+                                             "start and end (clip); longer captions are refused")
+    vocabulary: tuple = flag_field((), "the words the transformer text encoder knows, built by train.py from the "
+                                       "training captions and saved with the run", flag=False)
 
     # --- diffusion (diffusion.py) ---
     timesteps: int = flag_field(1000, "diffusion steps T")
@@ -119,7 +137,8 @@ class Config:
     sample_every: int = flag_field(5000, "log a grid of EMA samples every this many steps; 0 = never")
     log_every: int = flag_field(50, "write metrics every this many steps")
     keep_checkpoints: int = flag_field(3, "how many step_<N>.pt files to keep besides last.pt")
-    cond_drop_prob: float = flag_field(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
+    cond_drop_prob: float = flag_field(0.1, "probability of replacing a label by the null label, or a caption by the "
+                                                "empty one (classifier-free guidance)")
     max_bad_steps: int = flag_field(20, "stop the run when this many steps in a row have a non-finite loss")
 
     # --- progressive distillation (distill.py; distillation.py) ---
@@ -138,6 +157,7 @@ class Config:
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        self.vocabulary = tuple(str(word) for word in self.vocabulary)
         validate(self)
 
     @property
@@ -145,12 +165,18 @@ class Config:
         """The run's name: `run_name`, or the preset's name when it is empty."""
         return self.run_name or self.preset
 
+    @property
+    def captioned(self):
+        """Whether the model is conditioned on captions (text_encoder is not "none")."""
+        return self.text_encoder != "none"
+
 
 # Fields that decide the shape of the network's weights or what its input and output mean: the diffusion it was
 # trained in (T, the schedule that maps t to a noise level, and what it predicts). A resumed run keeps the
 # checkpoint's values, and a flag that would change one of them is refused.
 ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults",
-                       "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective")
+                       "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective",
+                       "text_encoder", "text_model", "text_dim", "text_layers", "max_caption_length", "vocabulary")
 
 
 def check_same_model(cfg, overrides, saved, source, advice):
@@ -195,6 +221,8 @@ def validate(cfg):
            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
     _check(cfg.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, not {cfg.amp!r}")
     _check(cfg.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
+    _check(cfg.text_encoder in TEXT_ENCODERS,
+           f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, not {cfg.text_encoder!r}")
 
     for name in ("image_size", "channels", "base_channels", "num_res_blocks", "num_heads", "timesteps",
                  "batch_size", "grad_accum", "save_every", "log_every", "max_bad_steps"):
@@ -223,6 +251,16 @@ def validate(cfg):
                                 "teacher), not both")
         _check(bool(cfg.run_name), "a run started --init-from a checkpoint needs its own --run-name")
     _check(cfg.distill_guidance >= 0, f"distill_guidance must be 0 or more, got {cfg.distill_guidance}")
+    if cfg.captioned:
+        _check(cfg.num_classes == 0, "a model is conditioned on class labels (num_classes) or on captions "
+                                     "(text_encoder), not both; set --num-classes 0")
+        _check(cfg.dataset in CAPTIONED_DATASETS, f"captions come with the datasets {', '.join(CAPTIONED_DATASETS)}, "
+                                                  f"not {cfg.dataset}")
+        _check(cfg.max_caption_length >= 2, f"max_caption_length must be at least 2, got {cfg.max_caption_length}")
+        for name in ("text_dim", "text_layers"):
+            _check(getattr(cfg, name) > 0, f"{name} must be a positive integer, got {getattr(cfg, name)}")
+        _check(cfg.text_dim % 4 == 0, f"text_dim must be a multiple of 4 (the text encoder's 4 heads), "
+                                      f"got {cfg.text_dim}")
 
     if cfg.dataset in DATASET_CHANNELS:
         _check(cfg.channels == DATASET_CHANNELS[cfg.dataset],
@@ -289,6 +327,16 @@ PRESETS = {
         epochs=0, max_steps=1000, time_budget="5m", lr=1e-3, warmup_steps=100, ema_decay=0.995, num_workers=0,
         save_every=500, sample_every=500, log_every=20, keep_checkpoints=2,
     ),
+    # Text-conditional generation on a CPU: the captioned shapes (16x16) and the prompts that name them, 30 minutes
+    # on 2 cores. The demo's recipe, with the demo trials' winners (batch 64, two levels, the power-function EMA),
+    # a small transformer text encoder and cross-attention at 8x8 (README, Text-conditional generation).
+    "demo-text": dict(
+        dataset="shapes", image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+        attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr",
+        text_encoder="transformer", batch_size=64, epochs=0, max_steps=4000, time_budget="30m", lr=1e-3,
+        warmup_steps=100, ema_gamma=7.0, num_workers=0, save_every=1000, sample_every=1000, log_every=20,
+        keep_checkpoints=2,
+    ),
 }
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
@@ -339,13 +387,16 @@ def add_dataclass_flags(parser, cls, title, skip=()):
     that only what the user typed overrides the defaults. Booleans get --name / --no-name; tuples take N values."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, tuple) and f.metadata.get("repeat"):
+            group.add_argument(flag, type=str, nargs="+", action="extend", default=None, help=help_text,
+                               metavar="TEXT")
         elif isinstance(default, tuple):
             item_type = type(default[0]) if default else int
             group.add_argument(flag, type=item_type, nargs="*", default=None, help=help_text,

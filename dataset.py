@@ -5,14 +5,23 @@
     shapes                          built in: coloured circles, squares, triangles and crosses, drawn from a
                                     fixed seed, so it needs no download and is the same on every machine
 
+A text-conditional config (--text-encoder) makes them yield (image, caption) instead: `shapes` draws shapes of
+named colours, sizes and positions with their captions ("a small red triangle at the top left on a white
+background"), some (shape, colour) pairs held out of the training split; a `folder` reads each image's caption
+from the .txt file beside it or from one captions.jsonl.
+
 Run it to download or prepare a dataset and save a grid of its images:
 
     python dataset.py --dataset cifar10
     python dataset.py --dataset folder --data-dir path/to/images --image-size 64
+    python dataset.py --dataset shapes --text-encoder transformer     # the captioned shapes, and some captions
 """
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import socket
 from typing import NamedTuple
 
@@ -40,16 +49,19 @@ class DatasetError(config.UserError):
 
 
 def build_dataset(cfg, train=True):
-    """The dataset named by cfg.dataset, yielding (image, label): float32 (C, H, W) in [-1, 1] and an int.
+    """The dataset named by cfg.dataset, yielding (image, label): float32 (C, H, W) in [-1, 1] and an int; for a
+    text-conditional config (cfg.captioned), (image, caption) with a string, and a `captions` list of them all.
 
     Training sets flip images left-right at random when cfg.random_flip; test sets never do (a `folder`
     has no test split: train=False gives the same images, unflipped). Raises DatasetError for missing data.
     """
     random_flip = cfg.random_flip and train
+    if cfg.dataset == "shapes" and cfg.captioned:
+        return CaptionedShapes(train=train, image_size=cfg.image_size, random_flip=random_flip)
     if cfg.dataset == "shapes":
         return ShapesDataset(train=train, image_size=cfg.image_size, random_flip=random_flip)
     if cfg.dataset == "folder":
-        folder_set = FolderDataset(cfg.data_dir, cfg.image_size, cfg.channels, random_flip)
+        folder_set = FolderDataset(cfg.data_dir, cfg.image_size, cfg.channels, random_flip, captions=cfg.captioned)
         num_found = len(folder_set.classes)
         if cfg.num_classes > 0 and cfg.num_classes != num_found:
             raise DatasetError(f"the folder {cfg.data_dir} holds {num_found} class(es) "
@@ -203,12 +215,14 @@ class FolderDataset(Dataset):
 
     Each image is resized so its shorter side is image_size, center-cropped to a square, and converted
     to grayscale (channels=1) or RGB (channels=3). Images are read from disk on each access.
+    With captions=True it yields (image, caption) instead, the captions read by read_captions.
     """
 
-    def __init__(self, folder, image_size, channels, random_flip=False):
+    def __init__(self, folder, image_size, channels, random_flip=False, captions=False):
         class_paths = _scan_folder(folder)
         self.classes = list(class_paths)
         self.samples = [(path, label) for label, paths in enumerate(class_paths.values()) for path in paths]
+        self.captions = read_captions(folder, [path for path, _ in self.samples]) if captions else None
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
         self.random_flip = random_flip
@@ -231,7 +245,52 @@ class FolderDataset(Dataset):
             raise _unreadable(path) from error
         image = TF.resize(image, self.image_size, antialias=True)  # an int resizes the shorter side
         image = TF.center_crop(image, self.image_size)
-        return _to_model_range(TF.pil_to_tensor(image), self.random_flip), label
+        if self.captions is None:
+            return _to_model_range(TF.pil_to_tensor(image), self.random_flip), label
+        image = _to_model_range(TF.pil_to_tensor(image), False)
+        caption = self.captions[index]
+        if self.random_flip and torch.rand(1).item() < 0.5:
+            image = image.flip(-1)
+            caption = mirror_caption(caption)
+        return image, caption
+
+
+CAPTIONS_FILE = "captions.jsonl"
+
+
+def read_captions(folder, paths):
+    """The caption of each image in `paths`: from FOLDER/captions.jsonl when it exists (one JSON object per line,
+    {"file_name": path relative to the folder, "text": caption}), else from the text file beside each image
+    (photo.png -> photo.txt). An empty caption is allowed: that image trains the unconditional prediction.
+    Raises DatasetError naming the first image without a caption."""
+    jsonl = os.path.join(folder, CAPTIONS_FILE)
+    if os.path.isfile(jsonl):
+        found = {}
+        with open(jsonl, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    found[os.path.normpath(entry["file_name"])] = str(entry["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise DatasetError(f"line {number} of {jsonl} is not a JSON object with \"file_name\" and "
+                                       f"\"text\": {line.strip()[:80]}") from None
+        captions = [found.get(os.path.normpath(os.path.relpath(path, folder))) for path in paths]
+        missing = [path for path, caption in zip(paths, captions) if caption is None]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) have no caption in {jsonl}, the first "
+                               f"{os.path.relpath(missing[0], folder)}; add a line for each")
+        return captions
+    captions = []
+    for path in paths:
+        text_file = os.path.splitext(path)[0] + ".txt"
+        if not os.path.isfile(text_file):
+            raise DatasetError(f"the image {path} has no caption: write it into {text_file}, or give every image "
+                               f"a line in {jsonl}")
+        with open(text_file, encoding="utf-8") as caption:
+            captions.append(caption.read().strip())
+    return captions
 
 
 # --- shapes: a small built-in dataset ---------------------------------------------------------------
@@ -272,12 +331,19 @@ def _draw_shapes(params, image_size):
     inverted = params[:, 10:11] < 0.5
     background = torch.where(inverted, 1 - background, background)
     foreground = torch.where(inverted, 1 - foreground, foreground)
-    background = (255 * background).round()[:, :, None, None]  # (n, 3, 1, 1), whole numbers in [0, 255]
-    foreground = (255 * foreground).round()[:, :, None, None]
+    background = (255 * background).round()
+    foreground = (255 * foreground).round()
+    return _render_shapes(labels, radius, centre_x, centre_y, background, foreground, image_size), labels
 
+
+def _render_shapes(labels, radius, centre_x, centre_y, background, foreground, image_size):
+    """Images (n, 3, S, S) uint8: shape labels[i] of `radius` at (centre_x, centre_y) in pixels, filled with
+    `foreground` (n, 3) on `background` (n, 3), both whole numbers in [0, 255]; edges anti-aliased."""
+    background = background[:, :, None, None]  # (n, 3, 1, 1)
+    foreground = foreground[:, :, None, None]
     # Sample points at the centres of a grid SUPERSAMPLING times finer than the pixels, in pixel units.
     samples = (torch.arange(image_size * SUPERSAMPLING) + 0.5) / SUPERSAMPLING
-    coverage = torch.zeros(len(params), image_size, image_size, dtype=torch.uint8)
+    coverage = torch.zeros(len(labels), image_size, image_size, dtype=torch.uint8)
     for label, draw in enumerate(SHAPES.values()):
         chosen = labels == label
         dx = samples[None, None, :] - centre_x[chosen, None, None]  # (n_label, 1, S * SUPERSAMPLING)
@@ -291,7 +357,19 @@ def _draw_shapes(params, image_size):
     # so the rounded result is the same on every machine.
     fraction = coverage[:, None].float() / SUPERSAMPLING ** 2  # (n, 1, S, S): how much of the pixel is shape
     images = background + (foreground - background) * fraction
-    return images.round().to(torch.uint8), labels
+    return images.round().to(torch.uint8)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the block on one thread. Drawing is many small tensor operations: one thread does it in about 0.2 s,
+    while sharing each one between threads can take ten times as long when other programs keep the cores busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_shapes(num_images, image_size=32, seed=0):
@@ -302,15 +380,9 @@ def make_shapes(num_images, image_size=32, seed=0):
     """
     generator = torch.Generator().manual_seed(seed)
     params = torch.rand(num_images, 11, generator=generator)
-    # Drawing is many small tensor operations: one thread does it in about 0.2 s, while sharing each one
-    # between threads can take ten times as long when other programs keep the CPU cores busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         # In chunks, to bound the memory of the fine sample grids.
         drawn = [_draw_shapes(chunk, image_size) for chunk in params.split(1000)]  # [(images, labels), ...]
-    finally:
-        torch.set_num_threads(threads)
     return torch.cat([images for images, _ in drawn]), torch.cat([labels for _, labels in drawn])
 
 
@@ -329,6 +401,97 @@ class ShapesDataset(InMemoryImages):
         super().__init__(images, labels, image_size, random_flip)
 
 
+# --- captioned shapes: the built-in data of text-conditional models --------------------------------------
+# Each image is one shape of a named colour, size and position on a plain background, with its caption, e.g.
+# "a small red triangle at the top left on a white background". Some (shape, colour) pairs never occur in the
+# training split, so that a model's prompts of them measure how it generalises; the test split has every pair.
+CAPTION_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230), "yellow": (235, 205, 40),
+                   "purple": (150, 60, 200)}
+CAPTION_BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (235, 235, 235)}
+CAPTION_SIZES = {"small": 0.2, "large": 0.3}  # the radius, as a fraction of the image size
+# Where the shape's centre lies in the free space (0 = touching the left or top margin, 1 = the other side).
+CAPTION_POSITIONS = {"at the top left": (0.0, 0.0), "at the top right": (1.0, 0.0), "at the bottom left": (0.0, 1.0),
+                     "at the bottom right": (1.0, 1.0), "in the middle": (0.5, 0.5)}
+HELD_OUT_PAIRS = (("circle", "yellow"), ("square", "blue"), ("triangle", "green"), ("cross", "red"))
+POSITION_JITTER = 0.05  # of the free space, either way
+CAPTIONED_CLASSIFIER_SEED = 2  # the images, of every pair, that quality.py's classifier of the captioned shapes sees
+
+
+def shape_caption(shape, colour, size, position, background):
+    """The caption of one captioned shape, from the names of its attributes."""
+    return f"a {size} {colour} {shape} {position} on a {background} background"
+
+
+def make_captioned_shapes(num_images, image_size=32, seed=0, held_out=False):
+    """Images (N, 3, S, S) uint8, captions (N strings) and attributes (N, 5) int64 of the captioned shapes: per
+    image the indices of its shape, colour, size, position and background in SHAPES_CLASSES, CAPTION_COLOURS,
+    CAPTION_SIZES, CAPTION_POSITIONS and CAPTION_BACKGROUNDS. held_out=False leaves out HELD_OUT_PAIRS; True draws
+    every (shape, colour) pair. Image i depends only on (seed, i, image_size, held_out)."""
+    colours = list(CAPTION_COLOURS)
+    pairs = [(shape, colour) for shape in range(len(SHAPES)) for colour in range(len(colours))
+             if held_out or (SHAPES_CLASSES[shape], colours[colour]) not in HELD_OUT_PAIRS]
+    generator = torch.Generator().manual_seed(seed)
+    params = torch.rand(num_images, 6, generator=generator)
+    pair = torch.tensor(pairs)[(params[:, 0] * len(pairs)).long().clamp(max=len(pairs) - 1)]  # (N, 2)
+    size = (params[:, 1] * len(CAPTION_SIZES)).long().clamp(max=len(CAPTION_SIZES) - 1)
+    position = (params[:, 2] * len(CAPTION_POSITIONS)).long().clamp(max=len(CAPTION_POSITIONS) - 1)
+    background = (params[:, 3] * len(CAPTION_BACKGROUNDS)).long().clamp(max=len(CAPTION_BACKGROUNDS) - 1)
+    attributes = torch.stack([pair[:, 0], pair[:, 1], size, position, background], dim=1)
+
+    radius = image_size * torch.tensor(list(CAPTION_SIZES.values()))[size]
+    free_space = image_size - 2 - 2 * radius  # a 1-pixel margin, as in the plain shapes
+    where = torch.tensor(list(CAPTION_POSITIONS.values()))[position]  # (N, 2): x, y in [0, 1]
+    jitter = POSITION_JITTER * (2 * params[:, 4:6] - 1)
+    where = (where * (1 - 2 * POSITION_JITTER) + POSITION_JITTER + jitter).clamp(0, 1)
+    centre_x = 1 + radius + free_space * where[:, 0]
+    centre_y = 1 + radius + free_space * where[:, 1]
+    foreground = torch.tensor(list(CAPTION_COLOURS.values()), dtype=torch.float32)[pair[:, 1]]
+    backdrop = torch.tensor(list(CAPTION_BACKGROUNDS.values()), dtype=torch.float32)[background]
+    with _one_thread():
+        images = torch.cat([_render_shapes(*chunk, image_size) for chunk in zip(
+            *(part.split(1000) for part in (pair[:, 0], radius, centre_x, centre_y, backdrop, foreground)))])
+    names = [SHAPES_CLASSES, colours, list(CAPTION_SIZES), list(CAPTION_POSITIONS), list(CAPTION_BACKGROUNDS)]
+    captions = [shape_caption(*(names[k][index] for k, index in enumerate(row))) for row in attributes.tolist()]
+    return images, captions, attributes
+
+
+MIRRORED_WORDS = {"left": "right", "right": "left"}
+
+
+def mirror_caption(caption):
+    """The caption of the image flipped left-right: "left" and "right" swap places."""
+    return re.sub(r"\b(left|right)\b", lambda match: MIRRORED_WORDS[match.group(1)], caption)
+
+
+class CaptionedImages(InMemoryImages):
+    """Images held in memory with a caption each: yields (image in [-1, 1], caption). A random flip mirrors the
+    caption too ("left" and "right" swap)."""
+
+    def __init__(self, images, captions, image_size, random_flip=False):
+        super().__init__(images, torch.zeros(len(images), dtype=torch.long), image_size, random_flip=False)
+        self.captions = list(captions)
+        self.flip_captions = random_flip
+
+    def __getitem__(self, index):
+        image, _ = super().__getitem__(index)
+        caption = self.captions[index]
+        if self.flip_captions and torch.rand(1).item() < 0.5:
+            image = image.flip(-1)
+            caption = mirror_caption(caption)
+        return image, caption
+
+
+class CaptionedShapes(CaptionedImages):
+    """The captioned shapes: 10,000 training images without the held-out (shape, colour) pairs, 2,000 test images
+    with every pair, from the seeds of the plain shapes; `attributes` holds each image's attribute indices."""
+
+    def __init__(self, train=True, image_size=32, random_flip=False, num_images=None):
+        split = "train" if train else "test"
+        images, captions, self.attributes = make_captioned_shapes(
+            num_images or SHAPES_LENGTHS[split], image_size, SHAPES_SEEDS[split], held_out=not train)
+        super().__init__(images, captions, image_size, random_flip)
+
+
 # --- command line -----------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -343,7 +506,7 @@ def main(argv=None):
         train_set = build_dataset(cfg, train=True)
         # A folder has no separate test split; for the others, this also fetches the test data.
         test_set = None if cfg.dataset == "folder" else build_dataset(cfg, train=False)
-        names = class_names(cfg)
+        names = [] if cfg.captioned else class_names(cfg)
     except config.UserError as error:
         config.fail(error)
 
@@ -352,7 +515,12 @@ def main(argv=None):
     if test_set is not None:
         sizes += f" and {len(test_set):,} test images"
     image_shape = tuple(train_set[0][0].shape)
-    print(f"{cfg.dataset} ({where}): {sizes} of shape {image_shape}, {len(names)} classes: {', '.join(names)}")
+    if cfg.captioned:
+        print(f"{cfg.dataset} ({where}): {sizes} of shape {image_shape}, with captions such as:")
+        for caption in train_set.captions[:4]:
+            print(f"  {caption!r}")
+    else:
+        print(f"{cfg.dataset} ({where}): {sizes} of shape {image_shape}, {len(names)} classes: {', '.join(names)}")
 
     preview = torch.stack([train_set[index][0] for index in range(min(64, len(train_set)))])
     path = config.RESULTS_DIR / "images" / f"dataset_{cfg.dataset}.png"

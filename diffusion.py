@@ -70,10 +70,11 @@ def min_snr_weights(alphas_cumprod, objective, gamma=5.0):
 
 def create_diffusion(cfg):
     """The GaussianDiffusion a Config describes (fields timesteps, beta_schedule, objective, loss_weighting,
-    num_classes, cond_drop_prob)."""
+    num_classes, text_encoder, cond_drop_prob)."""
     betas = make_beta_schedule(cfg.beta_schedule, cfg.timesteps)
     return GaussianDiffusion(betas, objective=cfg.objective, loss_weighting=cfg.loss_weighting,
-                             num_classes=cfg.num_classes, cond_drop_prob=cfg.cond_drop_prob)
+                             num_classes=cfg.num_classes, cond_drop_prob=cfg.cond_drop_prob,
+                             captioned=cfg.text_encoder != "none")
 
 
 def dynamic_thresholding(x0_pred, percentile):
@@ -108,9 +109,12 @@ class GaussianDiffusion:
     objective: what the model predicts, "eps" (the noise), "x0" (the clean image) or "v" (Salimans & Ho 2022).
     loss_weighting: "none" or "min_snr" (Min-SNR-5). num_classes: 0 for unconditional; otherwise label num_classes
     is the null label of classifier-free guidance, used with probability cond_drop_prob during training.
+    captioned: the model takes captions as token ids y [B, L] instead; the empty caption (a row of zeros) is their
+    null condition. Labels and captions are both called y below.
     """
 
-    def __init__(self, betas, objective="eps", loss_weighting="none", num_classes=0, cond_drop_prob=0.0):
+    def __init__(self, betas, objective="eps", loss_weighting="none", num_classes=0, cond_drop_prob=0.0,
+                 captioned=False):
         _check(objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         _check(loss_weighting in LOSS_WEIGHTINGS,
                f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, not {loss_weighting!r}")
@@ -122,6 +126,8 @@ class GaussianDiffusion:
         self.loss_weighting = loss_weighting
         self.num_classes = num_classes
         self.null_label = num_classes
+        self.captioned = captioned
+        self.conditional = num_classes > 0 or captioned
         self.cond_drop_prob = cond_drop_prob
 
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
@@ -209,6 +215,10 @@ class GaussianDiffusion:
         return (self.extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
                 + self.extract(self.sqrt_alphas_cumprod, t, x_t.shape) * v)
 
+    def null_condition(self, y):
+        """The null condition in the form of y: the null label for labels [B], the empty caption for captions."""
+        return torch.zeros_like(y) if self.captioned else torch.full_like(y, self.null_label)
+
     def model_predictions(self, model, x_t, t, y=None, guidance_scale=1.0, clip_denoised=False,
                           dynamic_threshold=0.0):
         """The model's noise and clean-image predictions (eps, x0_pred) at x_t [B, C, H, W], t [B], in float32.
@@ -223,9 +233,9 @@ class GaussianDiffusion:
         improved-diffusion does for DDIM).
         """
         if y is not None and guidance_scale == 0:
-            output = model(x_t, t, torch.full_like(y, self.null_label))
+            output = model(x_t, t, self.null_condition(y))
         elif y is not None and guidance_scale != 1:
-            labels = torch.cat([y, torch.full_like(y, self.null_label)])
+            labels = torch.cat([y, self.null_condition(y)])
             output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), labels)
             output_cond, output_uncond = output.float().chunk(2)
             # eps is an affine function of the raw output (eps, x0 or v) at a fixed x_t and t, so guiding the raw
@@ -264,7 +274,8 @@ class GaussianDiffusion:
             t ~ Uniform{0, ..., T-1},  noise ~ N(0, I),  x_t = q_sample(x0, t, noise),
             loss = mean over b of  w_t * mean over pixels of (model(x_t, t) - target)^2,
         target = noise (eps), x0 (x0) or get_v(x0, t, noise) (v); w_t = 1, or min_snr_weights with "min_snr".
-        Labels y [B] are each replaced by the null label with probability cond_drop_prob, so the model also learns
+        Labels y [B] (or captions [B, L]) are each replaced by the null condition with probability cond_drop_prob,
+        so the model also learns
         the unconditional prediction that guidance needs. t and noise come from torch's global RNG on x0's device
         unless given.
         """
@@ -279,10 +290,10 @@ class GaussianDiffusion:
         if y is None:
             output = model(x_t, t)
         else:
-            _check(self.num_classes > 0, "got class labels y, but this diffusion is unconditional (num_classes=0)")
+            _check(self.conditional, "got class labels y, but this diffusion is unconditional (num_classes=0)")
             if self.cond_drop_prob > 0:
                 drop = torch.rand(batch_size, device=y.device) < self.cond_drop_prob
-                y = y.masked_fill(drop, self.null_label)
+                y = torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.null_condition(y), y)
             output = model(x_t, t, y)
 
         if self.objective == "eps":
@@ -442,7 +453,7 @@ class GaussianDiffusion:
         if x_T is not None:
             _check(tuple(x_T.shape) == tuple(shape), f"x_T has shape {tuple(x_T.shape)}, but shape is {tuple(shape)}")
         _check(guidance_scale == 1 or y is not None, "classifier-free guidance (guidance_scale != 1) needs labels y")
-        _check(y is None or self.num_classes > 0, "got class labels y, but this diffusion is unconditional")
+        _check(y is None or self.conditional, "got class labels y, but this diffusion is unconditional")
         device = torch.device(device) if device is not None else _infer_device(x_T, model)
         x_T = randn(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
         y = y.to(device) if y is not None else None

@@ -66,9 +66,12 @@ from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGIST
 import config
 import inference
 import jobs
+import prompts
 import quality
+import text
 import utils
 from config import flag_field
+from dataset import CaptionedShapes, build_dataset
 from diffusion import create_diffusion
 from utils import UsageError
 
@@ -84,7 +87,8 @@ PAPER_SAMPLES = 50_000  # what papers compute FID on
 KID_SUBSET_SIZE = 1000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CSV_COLUMNS = ("run", "step", "sampler", "steps", "guidance", "num_samples", "fid", "isc", "kid", "cfid", "confident",
-               "balance", "accuracy", "seconds", "date")
+               "balance", "accuracy", "prompt_accuracy", "prompt_accuracy_seen", "prompt_accuracy_held_out",
+               "seconds", "date")
 
 
 @dataclass
@@ -213,6 +217,18 @@ def samples_dataset(opts, settings, images):
     return None
 
 
+def caption_prompts(cfg, count):
+    """The prompts of `count` images of a text-conditional model: image i asks for caption i (cycling) of the
+    captioned shapes' test split, which has every (shape, colour) pair, the held-out ones too; or of a folder's
+    captions. Also, for the shapes, the attributes (count, 5) asked for; None for a folder."""
+    if cfg.dataset == "shapes":
+        test = CaptionedShapes(train=False, image_size=cfg.image_size)
+        index = torch.arange(count) % len(test)
+        return [test.captions[i] for i in index], test.attributes[index]
+    captions = build_dataset(cfg, train=True).captions
+    return [captions[i % len(captions)] for i in range(count)], None
+
+
 def load_quality_metric(data_cfg):
     """quality.py's classifier metric of the dataset, trained and cached on first use."""
     if data_cfg is None:
@@ -229,6 +245,9 @@ def sample_images(opts, loaded, device, amp_dtype):
     opts = dataclasses.replace(opts, steps=inference.sampling_steps(cfg, opts))
     # A model trained with labels gets every class equally often, as CIFAR-10 has them.
     labels = torch.arange(opts.num_samples) % cfg.num_classes if cfg.num_classes > 0 else None
+    conditions = labels
+    if cfg.captioned:  # the test captions, as token ids (the attributes they ask for are scored in `run`)
+        conditions = text.create_tokenizer(cfg, loaded.model.text_encoder)(caption_prompts(cfg, opts.num_samples)[0])
     amp = str(amp_dtype).removeprefix("torch.") if amp_dtype else "none"
     if jobs.first_process():
         print(f"sampling {opts.num_samples} images from {loaded.source} with {opts.sampler}, {opts.steps} steps, on "
@@ -238,12 +257,13 @@ def sample_images(opts, loaded, device, amp_dtype):
                     guidance=opts.guidance_scale, source=loaded.source, eta=opts.eta, seed=opts.seed, amp=amp,
                     ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing,
                     dynamic_threshold=opts.dynamic_threshold,
-                    labels="cycle" if labels is not None else "none",  # image i asked for class i % K
+                    # image i asked for class i % K, or for caption i (caption_prompts)
+                    labels="captions" if cfg.captioned else "cycle" if labels is not None else "none",
                     config=config.config_to_dict(cfg))
     images, job = jobs.make_images(model, create_diffusion(cfg), cfg, opts, opts.num_samples,
                                    image_dir=utils.RESULTS_DIR / "images" / loaded.run,
                                    name=f"{samples_stem(settings, opts.num_samples)}_seed{opts.seed}", device=device,
-                                   batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=labels)
+                                   batch_size=opts.batch_size, amp_dtype=amp_dtype, labels=conditions)
     return images, labels, settings, job
 
 
@@ -422,9 +442,15 @@ def run(opts, world_size=1):
         if "fid" in metrics and len(images) < PAPER_SAMPLES:
             print(f"note: FID from {len(images)} samples is higher than from the {PAPER_SAMPLES} papers use")
         scores.update(score(images, reference, inception, weights, opts, device))
+    asked = None
+    if quality_metric is not None and settings.get("labels") == "captions" and data_cfg.dataset == "shapes":
+        _, asked = caption_prompts(data_cfg, len(images))  # the shape, colour and position each image asked for
+        labels = asked[:, 0]
     if quality_metric is not None:
         scores.update(quality_metric.score(images, labels),
                       classifier=quality_metric.key, classifier_accuracy=quality_metric.held_out_accuracy)
+    if asked is not None:
+        scores.update(prompts.prompt_accuracy(prompts.read_attributes(images, quality_metric), asked))
     settings.pop("config", None)  # the run's config is in its checkpoint
 
     # The CSV's columns first, then what only the JSON keeps.
@@ -432,7 +458,8 @@ def run(opts, world_size=1):
               "seconds": round(time.perf_counter() - start, 1), "date": datetime.now().isoformat(timespec="seconds"),
               "samples": str(samples_path), "feature_extractor": opts.feature_extractor, "reference": opts.reference}
     shown = [*inception, *(["cfid", "confident", "balance"] if quality_metric else []),
-             *(["accuracy"] if quality_metric and labels is not None else [])]
+             *(["accuracy"] if quality_metric and labels is not None else []),
+             *(["prompt_accuracy", "prompt_accuracy_seen", "prompt_accuracy_held_out"] if asked is not None else [])]
     print("   ".join(f"{name.upper()} {record[name]:.4g}" for name in shown))  # the stds are in the JSON
     return written + write_results(record)
 

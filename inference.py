@@ -184,9 +184,9 @@ def sampling_steps(cfg, opts):
     T = cfg.timesteps
     if opts.steps > T:
         raise utils.UsageError(f"--steps {opts.steps} is more than the model's {T} timesteps; use at most {T}")
-    if cfg.num_classes == 0 and opts.guidance_scale != 1:
-        raise utils.UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels; this one "
-                               f"is unconditional, so leave it at 1")
+    if cfg.num_classes == 0 and not cfg.captioned and opts.guidance_scale != 1:
+        raise utils.UsageError(f"--guidance-scale {opts.guidance_scale} needs a model trained with labels or "
+                               f"captions; this one is unconditional, so leave it at 1")
     if not opts.steps and cfg.student_steps:  # a distilled student: the step count it was trained for
         return cfg.student_steps
     return opts.steps or min(SAMPLERS[opts.sampler].default_steps or T, T)

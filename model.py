@@ -11,6 +11,10 @@ For the `ddpm-cifar10` preset (35,746,307 parameters) the levels are, from the i
     level 0: 128 channels at 32x32    level 1: 256 at 16x16, with self-attention
     level 2: 256 channels at 8x8      level 3: 256 at 4x4    middle: 256 at 4x4, with self-attention
 
+A text-conditional model (config text_encoder) also reads a caption: its text encoder (text.py) turns the token
+ids into features, their mean is added to emb, and cross-attention after every self-attention (and in the middle)
+lets each pixel look at the caption's tokens, as in latent diffusion (Rombach et al. 2022).
+
 The network predicts something with the image's shape; what it means (eps, x0 or v) is up to diffusion.py.
 pretrained.py reads the original DDPM CIFAR-10 weights in the diffusers format into this network, and writes them.
 """
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import text
 
 
 class GroupNorm(nn.GroupNorm):
@@ -126,6 +131,57 @@ class SelfAttention(nn.Module):
         return x + h.transpose(1, 2).unflatten(2, (H, W))  # (B, C, H, W), a view with channels_last strides
 
 
+def position_code(height, width, channels, device):
+    """A fixed 2-D sinusoidal code of each pixel's position, (H W, channels): half the channels encode the row,
+    half the column, each as sines and cosines of TimestepEmbedding's frequencies (as ViT-style 2-D codes do)."""
+    quarter = channels // 4
+    exponent = torch.arange(quarter, dtype=torch.float32, device=device) / max(quarter - 1, 1)
+    freqs = torch.exp(-math.log(10000) * exponent)
+    rows = torch.arange(height, dtype=torch.float32, device=device)[:, None] * freqs  # (H, quarter)
+    columns = torch.arange(width, dtype=torch.float32, device=device)[:, None] * freqs  # (W, quarter)
+    code = torch.cat([rows.sin()[:, None].expand(-1, width, -1), rows.cos()[:, None].expand(-1, width, -1),
+                      columns.sin()[None].expand(height, -1, -1), columns.cos()[None].expand(height, -1, -1)], dim=2)
+    return F.pad(code, (0, channels - 4 * quarter)).flatten(0, 1)  # (H W, channels)
+
+
+class CrossAttention(nn.Module):
+    """x + proj(softmax(q k^T / sqrt(head_dim)) v) with q from the pixels and k, v from the caption's tokens.
+
+    q is a linear map of GroupNorm(x) plus a fixed code of the pixel's position (position_code), one query per
+    pixel: the code lets words about where ("top", "left") find the pixels they mean, which GroupNorm'd features
+    of a small image hardly say. k and v are linear maps of the text features (B, L, context_dim), and the mask
+    (B, L) hides the padding, so the result does not depend on how much padding a caption has. The output
+    projection starts at zero: a new block passes x through unchanged."""
+
+    def __init__(self, channels, context_dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm(channels)
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(context_dim, channels)
+        self.v = nn.Linear(context_dim, channels)
+        self.proj = zero_init_(nn.Linear(channels, channels))
+
+    def forward(self, x, context, mask):
+        """x: (B, C, H, W); context: (B, L, context_dim); mask: (B, L) bool, True = a real token. Returns x's shape."""
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = tokens + position_code(H, W, C, x.device).to(tokens.dtype)
+        q = self.q(tokens).unflatten(2, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, HW, head_dim)
+        k = self.k(context).unflatten(2, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, L, head_dim)
+        v = self.v(context).unflatten(2, (self.num_heads, -1)).transpose(1, 2)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, heads, HW, head_dim)
+        h = self.proj(h.transpose(1, 2).flatten(2))  # (B, HW, C)
+        return x + h.transpose(1, 2).unflatten(2, (H, W))
+
+
+class NoCrossAttention(nn.Module):
+    """The place of a CrossAttention at a resolution without attention: x unchanged."""
+
+    def forward(self, x, context, mask):
+        return x
+
+
 class Downsample(nn.Module):
     """Halve H and W: pad one zero row at the bottom and one column at the right, then a 3x3 conv with stride 2.
 
@@ -152,12 +208,15 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the U-Net: residual blocks, each followed by attention (or nothing), then a resampler."""
+    """One resolution of the U-Net: residual blocks, each followed by attention (or nothing) and, in a
+    text-conditional model, cross-attention (or nothing), then a resampler."""
 
-    def __init__(self, blocks, attentions, resample):
+    def __init__(self, blocks, attentions, resample, cross_attentions=()):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attentions = nn.ModuleList(attentions)  # SelfAttention or nn.Identity, one per block
+        # CrossAttention or NoCrossAttention, one per block; empty (no weights) without a text encoder.
+        self.cross_attentions = nn.ModuleList(cross_attentions)
         self.resample = resample  # Downsample, Upsample, or None at the bottom (encoder) / top (decoder)
 
 
@@ -167,11 +226,13 @@ class UNet(nn.Module):
     Attributes: time_embed, time_mlp, label_embed (None when unconditional), stem, down (encoder levels,
     full resolution first), mid_block1, mid_attention, mid_block2, up (decoder levels, lowest resolution
     first), out_norm, out_conv. A conditional model has num_classes + 1 labels: label `num_classes` is the
-    "null" label, used for classifier-free guidance and whenever y is not given.
+    "null" label, used for classifier-free guidance and whenever y is not given. A text-conditional model (given a
+    text_encoder, text.py) has text_encoder, text_proj and mid_cross_attention too, and takes token ids as y: the
+    empty caption (a row of zeros) is its null condition.
     """
 
     def __init__(self, image_size, channels, num_classes, base_channels, channel_mults, num_res_blocks,
-                 attn_resolutions, num_heads, dropout):
+                 attn_resolutions, num_heads, dropout, text_encoder=None):
         super().__init__()
         self.num_classes = num_classes
         emb_dim = 4 * base_channels
@@ -183,9 +244,20 @@ class UNet(nn.Module):
                 return SelfAttention(width, num_heads)
             return nn.Identity()
 
+        def cross_attention_at(level, width):
+            """Cross-attention where there is self-attention, in a text-conditional model; [] otherwise."""
+            if text_encoder is None:
+                return []
+            if image_size // 2 ** level in attn_resolutions:
+                return [CrossAttention(width, text_encoder.dim, num_heads)]
+            return [NoCrossAttention()]
+
         self.time_embed = TimestepEmbedding(base_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.text_encoder = text_encoder
+        if text_encoder is not None:
+            self.text_proj = nn.Linear(text_encoder.dim, emb_dim)  # the caption's mean feature, added to emb
         self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
 
         # Encoder. Every block's output, and every downsample's, is kept for the decoder: note their widths.
@@ -195,19 +267,23 @@ class UNet(nn.Module):
         for level, out_width in enumerate(widths):
             blocks = []
             attentions = []
+            cross_attentions = []
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(width, out_width, emb_dim, dropout))
                 attentions.append(attention_at(level, out_width))
+                cross_attentions += cross_attention_at(level, out_width)
                 width = out_width
                 skip_widths.append(width)
             resample = None
             if level < len(widths) - 1:
                 resample = Downsample(width)
                 skip_widths.append(width)
-            self.down.append(Level(blocks, attentions, resample))
+            self.down.append(Level(blocks, attentions, resample, cross_attentions))
 
         self.mid_block1 = ResBlock(width, width, emb_dim, dropout)
         self.mid_attention = SelfAttention(width, num_heads)
+        if text_encoder is not None:
+            self.mid_cross_attention = CrossAttention(width, text_encoder.dim, num_heads)
         self.mid_block2 = ResBlock(width, width, emb_dim, dropout)
 
         # Decoder: one block more per level than the encoder, so that each takes exactly one skip.
@@ -215,24 +291,35 @@ class UNet(nn.Module):
         for level, out_width in reversed(list(enumerate(widths))):
             blocks = []
             attentions = []
+            cross_attentions = []
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResBlock(width + skip_widths.pop(), out_width, emb_dim, dropout))
                 attentions.append(attention_at(level, out_width))
+                cross_attentions += cross_attention_at(level, out_width)
                 width = out_width
             resample = Upsample(width) if level > 0 else None
-            self.up.append(Level(blocks, attentions, resample))
+            self.up.append(Level(blocks, attentions, resample, cross_attentions))
 
         self.out_norm = GroupNorm(width)
         # Zero output at initialisation: the untrained model predicts 0, a calm start for any objective.
         self.out_conv = zero_init_(nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, x, t, y=None):
-        """x: (B, C, H, W) noisy images; t: (B,) timesteps in [0, T); y: (B,) labels, or None for the null label.
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps in [0, T); y: (B,) labels, or None for the null label;
+        for a text-conditional model, (B, L) token ids, or None for the empty caption.
 
         Returns (B, C, H, W).
         """
         emb = self.time_mlp(self.time_embed(t))  # (B, emb_dim)
-        if self.label_embed is not None:
+        context = None
+        if self.text_encoder is not None:
+            if y is None:
+                y = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # the empty caption
+            elif y.ndim != 2:
+                raise ValueError("this model is conditioned on captions, so y must be token ids (B, L)")
+            context, mask = self.text_encoder(y)  # (B, L + 1, D), (B, L + 1)
+            emb = emb + self.text_proj(text.masked_mean(context, mask))
+        elif self.label_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.label_embed(y)
@@ -244,19 +331,26 @@ class UNet(nn.Module):
         h = self.stem(x)  # (B, base_channels, H, W)
         skips = [h]
         for level in self.down:
-            for block, attention in zip(level.blocks, level.attentions):
+            for index, (block, attention) in enumerate(zip(level.blocks, level.attentions)):
                 h = attention(block(h, emb))
+                if context is not None:
+                    h = level.cross_attentions[index](h, context, mask)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
 
-        h = self.mid_block2(self.mid_attention(self.mid_block1(h, emb)), emb)
+        h = self.mid_attention(self.mid_block1(h, emb))
+        if context is not None:
+            h = self.mid_cross_attention(h, context, mask)
+        h = self.mid_block2(h, emb)
 
         for level in self.up:
-            for block, attention in zip(level.blocks, level.attentions):
+            for index, (block, attention) in enumerate(zip(level.blocks, level.attentions)):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
                 h = attention(block(h, emb))
+                if context is not None:
+                    h = level.cross_attentions[index](h, context, mask)
             if level.resample is not None:
                 h = level.resample(h)
 
@@ -297,5 +391,6 @@ def create_model(cfg, weights=None):
     (fit_layers), for a pruned model's checkpoint."""
     model = UNet(image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes,
                  base_channels=cfg.base_channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks,
-                 attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout)
+                 attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
+                 text_encoder=text.create_text_encoder(cfg))
     return model if weights is None else fit_layers(model, weights)

@@ -16,6 +16,7 @@ nothing, which a poorly trained diffusion model makes.
 
     python quality.py --dataset shapes                       # train or load the classifier, print the calibration
     python quality.py --dataset folder --data-dir DIGITS --channels 1 --image-size 32
+    python quality.py --dataset shapes --text-encoder transformer --image-size 16   # the captioned shapes
 
 The calibration table scores real held-out images (the floor: the best a model can get at that sample count),
 degraded real images and uniform noise, so a user can read a model's numbers against them.
@@ -86,8 +87,16 @@ def _as_uint8(image_set):
 
 def load_splits(cfg):
     """(train images, train labels, held-out images, held-out labels, class names) of cfg's dataset at its image
-    size, uint8 (N, C, H, W). A folder holds out every FOLDER_HOLDOUT-th image of a seeded shuffle."""
-    cfg = dataclasses.replace(cfg, random_flip=False)
+    size, uint8 (N, C, H, W). A folder holds out every FOLDER_HOLDOUT-th image of a seeded shuffle. For a
+    text-conditional config: a folder's class sub-folders, or the captioned shapes with their shape labels, every
+    (shape, colour) pair in both splits: the classifier reads the shape of held-out pairs too (trained without them
+    it takes colour for a sign of shape), and the samples are asked for every pair."""
+    if cfg.captioned and cfg.dataset == "shapes":
+        images, _, attributes = datasets.make_captioned_shapes(datasets.SHAPES_LENGTHS["train"], cfg.image_size,
+                                                               datasets.CAPTIONED_CLASSIFIER_SEED, held_out=True)
+        test = datasets.CaptionedShapes(train=False, image_size=cfg.image_size)
+        return images, attributes[:, 0], test.images, test.attributes[:, 0], list(datasets.SHAPES_CLASSES)
+    cfg = dataclasses.replace(cfg, random_flip=False, text_encoder="none")
     names = datasets.class_names(cfg)
     if len(names) < 2:
         raise QualityError(f"the classifier metric needs a dataset with at least 2 classes, but {cfg.dataset} "
@@ -256,6 +265,8 @@ def dataset_label(cfg):
     """A short name of the dataset for file names: shapes, mnist, folder-DIGITS, ..."""
     if cfg.dataset == "folder":
         return "folder-" + "".join(c if c.isalnum() else "_" for c in Path(cfg.data_dir).resolve().name)
+    if cfg.dataset == "shapes" and cfg.captioned:
+        return "shapes-captioned"
     return cfg.dataset
 
 

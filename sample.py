@@ -60,6 +60,7 @@ import torch
 import config
 import inference
 import jobs
+import text
 import utils
 import visualize
 from config import flag_field
@@ -91,6 +92,12 @@ class SampleOptions(inference.SamplingOptions):
                                               "with labels; the samples are split between them (default: all)")
     class_grid: bool = flag_field(False, "one row per class (all, or those of --class-label), "
                                          "num-samples / classes images per row")
+    prompt: tuple = flag_field((), "for a model trained with captions: what to draw, e.g. --prompt \"a large green "
+                                   "cross\" (give it again for more prompts); the samples are split between the "
+                                   "prompts, one grid row each, labelled; none = the empty caption (unconditional)",
+                               repeat=True)
+    prompt_file: str = flag_field("", "a text file of prompts, one per line (blank lines are skipped), after those "
+                                      "of --prompt")
     init_image: str = flag_field("", "SDEdit image to image: start from this picture, noised to --strength")
     strength: float = flag_field(0.6, "how much of --init-image to replace, in [0, 1]: 0 = the input unchanged, "
                                       "1 = pure noise (default 0.6; 1.0 with --mask)")
@@ -109,6 +116,7 @@ class SampleOptions(inference.SamplingOptions):
 
     def __post_init__(self):
         self.class_label = tuple(self.class_label)  # argparse gives a list
+        self.prompt = tuple(self.prompt)
 
 
 def parse_options(argv=None):
@@ -172,11 +180,30 @@ def job_labels(classes, num_samples):
     return torch.tensor([classes[i * len(classes) // num_samples] for i in range(num_samples)])
 
 
+def read_prompts(opts):
+    """The prompts of --prompt, then those of --prompt-file (one per line, blank lines skipped)."""
+    prompts = list(opts.prompt)
+    if opts.prompt_file:
+        try:
+            with open(opts.prompt_file, encoding="utf-8") as lines:
+                prompts += [line.strip() for line in lines if line.strip()]
+        except OSError as error:
+            raise UsageError(f"cannot read the prompt file {opts.prompt_file} ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read the prompt file {opts.prompt_file}: it is not UTF-8 text") from None
+        if len(prompts) == len(opts.prompt):
+            raise UsageError(f"the prompt file {opts.prompt_file} has no prompts; write one per line")
+    return prompts
+
+
 def check_against_model(opts, cfg):
     """Raise UsageError for options this model cannot follow; returns the number of sampling steps to use."""
     if cfg.num_classes == 0 and (opts.class_label not in ((), ("all",)) or opts.class_grid):
         raise UsageError("this model was trained without labels (num_classes = 0), so it takes no --class-label "
-                         "or --class-grid")
+                         "or --class-grid" + ("; it takes --prompt" if cfg.captioned else ""))
+    if not cfg.captioned and (opts.prompt or opts.prompt_file):
+        raise UsageError("this model was trained without captions, so it takes no --prompt or --prompt-file"
+                         + ("; it takes --class-label" if cfg.num_classes else ""))
     return inference.sampling_steps(cfg, opts)
 
 
@@ -229,11 +256,12 @@ def output_stem(kind, opts):
     return stem
 
 
-def save_samples(images, folder, stem, file_format, nrow, labels=None, header=None, zoom=1):
+def save_samples(images, folder, stem, file_format, nrow, labels=None, header=None, zoom=1, row_labels=None):
     """Write images (N, C, H, W) in [-1, 1] as a grid PNG, a folder of PNGs, or an npz; returns the new path.
 
     header: images for the grid's first row (the input and the mask of image to image), padded with white.
     zoom: the grid shows each pixel as zoom x zoom pixels (nearest neighbour), for small images.
+    row_labels: a text per grid row (the prompts), written to the left of it.
     """
     import imageio.v3 as iio
 
@@ -247,7 +275,7 @@ def save_samples(images, folder, stem, file_format, nrow, labels=None, header=No
             nrow = max(nrow, len(header))
             padding = torch.ones(nrow - len(header), *header.shape[1:])  # white
             images = torch.cat([header, padding, images])
-        return utils.save_grid(images, utils.unique_path(folder / f"{stem}.png"), nrow=nrow)
+        return utils.save_grid(images, utils.unique_path(folder / f"{stem}.png"), nrow=nrow, row_labels=row_labels)
     if file_format == "npz":
         path = utils.unique_path(folder / f"{stem}.npz")
         arrays = {"arr_0": utils.to_uint8(images)}  # (N, H, W, 3) uint8, as guided-diffusion's evaluator reads
@@ -343,6 +371,7 @@ def run(opts, world_size=1):
     if opts.export_diffusers:
         return [export(model, cfg, opts.export_diffusers)]
     opts = dataclasses.replace(opts, steps=check_against_model(opts, cfg))
+    tokenizer = text.create_tokenizer(cfg, model.text_encoder) if cfg.captioned else None
     model = inference.prepare_for_sampling(model, device, amp_dtype, opts.compile)
     diffusion = create_diffusion(cfg)
     image_dir = Path(opts.out) if opts.out else utils.RESULTS_DIR / "images" / run_name
@@ -354,14 +383,34 @@ def run(opts, world_size=1):
     if opts.forward_figure:
         written += [forward_figure(cfg, diffusion, opts.seed, plot_dir), schedule_figure(cfg, plot_dir)]
     if opts.gif or not written:  # the figures replace the samples, the GIF does not
-        written += make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source)
+        written += make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source, tokenizer)
     return written
 
 
-def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source):
-    """Sample what the options ask (labels, image to image, GIF or not) and write it; returns the paths."""
+def prompt_tokens(cfg, opts, tokenizer):
+    """For a model trained with captions: the prompts (one per grid row), the token ids (N, L) of every sample's
+    prompt in equal consecutive blocks, N being opts.num_samples rounded down to whole rows, and the row length."""
+    prompts = read_prompts(opts)
+    if not prompts and jobs.first_process():
+        print("no --prompt: sampling with the empty caption, which is the model unconditioned")
+    prompts = prompts or [""]
+    if len(prompts) > opts.num_samples:
+        raise UsageError(f"{len(prompts)} prompts need at least as many samples; raise --num-samples to "
+                         f"{len(prompts)} or more")
+    per_prompt = opts.num_samples // len(prompts)
+    rows = [prompt for prompt in prompts for _ in range(per_prompt)]
+    return prompts, tokenizer(rows), per_prompt
+
+
+def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source, tokenizer=None):
+    """Sample what the options ask (labels, prompts, image to image, GIF or not) and write it; returns the
+    paths."""
     classes = None
+    prompts = None
     nrow = math.ceil(math.sqrt(opts.num_samples))
+    if cfg.captioned:
+        prompts, tokens, nrow = prompt_tokens(cfg, opts, tokenizer)
+        opts = dataclasses.replace(opts, num_samples=len(tokens))
     if cfg.num_classes > 0:
         names = model_class_names(cfg)
         classes = parse_class_labels(opts.class_label, names)
@@ -374,6 +423,8 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
         opts = dataclasses.replace(opts, num_samples=min(GIF_SAMPLES, opts.num_samples),
                                    batch_size=min(GIF_SAMPLES, opts.num_samples))
     labels = job_labels(classes, opts.num_samples) if classes else None
+    if prompts is not None:
+        labels = tokens[:opts.num_samples]
     init_image = load_init_image(opts.init_image, cfg) if opts.init_image else None
     keep_mask = load_keep_mask(opts.mask, cfg) if opts.mask else None
     if jobs.first_process():
@@ -403,7 +454,9 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     header = None
     if init_image is not None:
         header = init_image if keep_mask is None else torch.cat([init_image, init_image * keep_mask])  # grey = repaint
-    path = save_samples(images, image_dir, stem, opts.format, nrow, labels, header, opts.zoom)
+    row_labels = prompts if prompts not in (None, [""]) else None
+    path = save_samples(images, image_dir, stem, opts.format, nrow, labels, header, opts.zoom,
+                        row_labels if header is None else None)
     job.close()
     return [path]
 

@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 import config
 import distillation
 import inference
+import text
 import training
 import utils
-from dataset import build_dataset
+from dataset import build_dataset, mirror_caption
 from diffusion import create_diffusion
 from distillation import ProgressiveDistillation
 from training import (EpochSampler, TimeBudget, TrainingState, infinite_batches, random_flip, resolve_run,
@@ -104,16 +105,23 @@ def build_loader(cfg, device, rank, world_size):
     return dataset, sampler, loader, steps_per_epoch
 
 
-def device_batches(batches, state, cfg, device):
+def device_batches(batches, state, cfg, device, tokenizer=None):
     """(images, labels or None) on `device`, flipped and laid out as the config says, from infinite_batches; it
-    keeps the state's epoch and batch_in_epoch up to date for the checkpoints."""
+    keeps the state's epoch and batch_in_epoch up to date for the checkpoints. A text-conditional run's labels are
+    its captions' token ids (`tokenizer`), mirrored with the images they describe."""
     for epoch, batch_in_epoch, images, labels in batches:
         state.epoch = epoch
         state.batch_in_epoch = batch_in_epoch
         images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if cfg.num_classes > 0 else None
+        if tokenizer is None:
+            labels = labels.to(device, non_blocking=True) if cfg.num_classes > 0 else None
         if cfg.random_flip:
-            images = random_flip(images)
+            images, flipped = random_flip(images, return_flips=True)
+            if tokenizer is not None:  # the captions of flipped images say left for right
+                labels = [mirror_caption(caption) if flip else caption
+                          for caption, flip in zip(labels, flipped.tolist())]
+        if tokenizer is not None:
+            labels = tokenizer(list(labels)).to(device)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         yield images, labels
@@ -125,9 +133,10 @@ class RunLog:
     """What rank 0 writes while training: the metrics CSV, TensorBoard, the progress bar, the loss plot and the
     preview grids. On the other ranks every method does nothing."""
 
-    def __init__(self, cfg, state, total_steps, is_main):
+    def __init__(self, cfg, state, total_steps, is_main, preview_labels=None):
         self.cfg = cfg
         self.is_main = is_main
+        self.preview_labels = preview_labels  # the captions' token ids of a text-conditional run's previews
         self.log_dir = utils.RESULTS_DIR / "logs" / cfg.name
         self.plot_dir = utils.RESULTS_DIR / "plots" / cfg.name
         self.image_dir = utils.RESULTS_DIR / "images" / cfg.name
@@ -194,7 +203,7 @@ class RunLog:
     def preview(self, state, diffusion, device, amp_dtype):
         if self.is_main:
             log_preview(state.ema_model, diffusion, self.cfg, device, amp_dtype, state.step, self.writer,
-                        self.image_dir)
+                        self.image_dir, self.preview_labels)
 
     def saved(self):
         """After a checkpoint: redraw the loss plot."""
@@ -216,13 +225,15 @@ class RunLog:
 
 
 @torch.no_grad()
-def log_preview(ema_model, diffusion, cfg, device, amp_dtype, step, writer, image_dir):
-    """Sample a grid from the EMA model, from the same starting noise every time, into TensorBoard and a PNG."""
+def log_preview(ema_model, diffusion, cfg, device, amp_dtype, step, writer, image_dir, labels=None):
+    """Sample a grid from the EMA model, from the same starting noise every time, into TensorBoard and a PNG;
+    labels: the captions' token ids of a text-conditional model (PREVIEW_SAMPLES rows)."""
     generator = torch.Generator(device).manual_seed(PREVIEW_SEED)
     shape = (PREVIEW_SAMPLES, cfg.channels, cfg.image_size, cfg.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
-    labels = None
-    if cfg.num_classes > 0:
+    if labels is not None:
+        labels = labels.to(device)
+    elif cfg.num_classes > 0:
         labels = torch.arange(PREVIEW_SAMPLES, device=device) % cfg.num_classes
     with utils.autocast(device, amp_dtype):
         steps = cfg.student_steps or min(PREVIEW_STEPS, cfg.timesteps)  # a distilled student: its own step count
@@ -342,6 +353,16 @@ def main(argv=None):
 
     # -- data --
     dataset, sampler, loader, steps_per_epoch = build_loader(cfg, device, rank, world_size)
+    tokenizer = None
+    if cfg.captioned:  # captions: the vocabulary of a new run comes from them, and every one must fit the model
+        if cfg.text_encoder == "transformer" and not cfg.vocabulary:
+            cfg = dataclasses.replace(cfg, vocabulary=text.build_vocabulary(dataset.captions))
+        try:
+            tokenizer = text.create_tokenizer(cfg)
+            preview_labels = tokenizer(dataset.captions[:PREVIEW_SAMPLES] * PREVIEW_SAMPLES)[:PREVIEW_SAMPLES]
+            tokenizer(dataset.captions)
+        except config.UserError as error:
+            config.fail(f"training caption: {error}")
     # A --time-budget run fixes its length after its first steps (TimeBudget); a resumed one kept it (restore).
     total_steps = UNPLANNED if cfg.time_budget else cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -383,7 +404,7 @@ def main(argv=None):
                         spent=state.train_seconds, start=start)
 
     # -- the loop --
-    log = RunLog(cfg, state, state.total_steps, is_main)
+    log = RunLog(cfg, state, state.total_steps, is_main, preview_labels if tokenizer is not None else None)
     if is_main:
         length = f"{state.total_steps:,} steps"
         if state.total_steps == UNPLANNED:
@@ -394,7 +415,7 @@ def main(argv=None):
               f"images, {length} of {cfg.batch_size * cfg.grad_accum * world_size} images, "
               f"device {device}, amp {amp_dtype or 'none'}, {world_size} process(es)")
     batches = device_batches(infinite_batches(loader, sampler, steps_per_epoch * cfg.grad_accum, state.epoch,
-                                              state.batch_in_epoch), state, cfg, device)
+                                              state.batch_in_epoch), state, cfg, device, tokenizer)
     try:
         message, failed = train_loop(state, diffusion, batches, log, cfg, budget, device, amp_dtype, distributed)
     except BaseException:

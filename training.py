@@ -335,14 +335,16 @@ def apply_gradients(model, optimizer, scaler, loss, grad_clip):
     return grad_norm_value, finite
 
 
-def random_flip(images):
-    """Flip each image horizontally with probability 1/2, using torch's global RNG.
+def random_flip(images, return_flips=False):
+    """Flip each image horizontally with probability 1/2, using torch's global RNG; with return_flips, also the
+    (B,) bool tensor of which were flipped (their captions need mirroring).
 
     Flipping here rather than in the dataset keeps every random draw of a step in RNG states that checkpoints
     save, which is what makes a resumed run identical to an uninterrupted one.
     """
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    flipped = torch.where(flip[:, None, None, None], images.flip(3), images)
+    return (flipped, flip) if return_flips else flipped
 
 
 def resolve_run(preset, overrides, rank=0):

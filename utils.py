@@ -425,13 +425,32 @@ def make_grid(images, nrow=None, padding=2):
     return to_uint8(grid.unsqueeze(0))[0]
 
 
-def save_grid(images, path, nrow=None):
-    """Save images in [-1, 1], (B, C, H, W) as one PNG grid. Returns the path."""
+def save_grid(images, path, nrow=None, row_labels=None):
+    """Save images in [-1, 1], (B, C, H, W) as one PNG grid. Returns the path. row_labels: a text per row of the
+    grid (the prompts of a text-conditional model), written in a white margin to the left of it."""
     import imageio.v3 as iio
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, make_grid(images, nrow))
+    grid = make_grid(images, nrow)
+    if row_labels:
+        grid = label_rows(grid, row_labels, images.shape[-2])
+    iio.imwrite(path, grid)
     return Path(path)
+
+
+def label_rows(grid, labels, image_height, padding=2):
+    """A uint8 grid (H, W, 3) of make_grid with each row's label written in black in a white margin on its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font)) for label in labels)
+    picture = Image.new("RGB", (grid.shape[1] + width + 3 * padding, grid.shape[0]), "white")
+    picture.paste(Image.fromarray(grid), (width + 3 * padding, 0))
+    draw = ImageDraw.Draw(picture)
+    for row, label in enumerate(labels):
+        middle = padding + row * (image_height + padding) + image_height // 2
+        draw.text((padding, middle), label, fill="black", font=font, anchor="lm")
+    return np.asarray(picture)
 
 
 def unique_path(path):
