@@ -54,7 +54,7 @@ class ConfigError(UserError, ValueError):
 def flag_field(default, help, choices=None, flag=True, repeat=False):
     """A dataclass field whose help text serves as its docstring and as its flag's --help; `choices`, if given,
     limits the flag's values (argparse rejects others with a one-line message). flag=False: a field the scripts
-    fill in, with no flag. repeat=True (a tuple): the flag may be given several times, its values collected."""
+    fill in, with no flag. repeat=True (a tuple): the flag takes one value and may be given several times, the values collected."""
     metadata = {"help": help, "choices": choices, "flag": flag, "repeat": repeat}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=metadata)
@@ -395,8 +395,7 @@ def add_dataclass_flags(parser, cls, title, skip=()):
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, tuple) and f.metadata.get("repeat"):
-            group.add_argument(flag, type=str, nargs="+", action="extend", default=None, help=help_text,
-                               metavar="TEXT")
+            group.add_argument(flag, type=str, action="append", default=None, help=help_text, metavar="TEXT")
         elif isinstance(default, tuple):
             item_type = type(default[0]) if default else int
             group.add_argument(flag, type=item_type, nargs="*", default=None, help=help_text,

@@ -258,24 +258,40 @@ class FolderDataset(Dataset):
 CAPTIONS_FILE = "captions.jsonl"
 
 
+def _read_text(path):
+    """The text of a UTF-8 file; DatasetError when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as text_file:
+            return text_file.read()
+    except OSError as error:
+        raise DatasetError(f"cannot read {path} ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"cannot read {path}: it is not UTF-8 text") from None
+
+
 def read_captions(folder, paths):
     """The caption of each image in `paths`: from FOLDER/captions.jsonl when it exists (one JSON object per line,
     {"file_name": path relative to the folder, "text": caption}), else from the text file beside each image
     (photo.png -> photo.txt). An empty caption is allowed: that image trains the unconditional prediction.
-    Raises DatasetError naming the first image without a caption."""
+    Raises DatasetError naming the first image without a caption, or the line or file that is wrong."""
     jsonl = os.path.join(folder, CAPTIONS_FILE)
     if os.path.isfile(jsonl):
         found = {}
-        with open(jsonl, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    found[os.path.normpath(entry["file_name"])] = str(entry["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise DatasetError(f"line {number} of {jsonl} is not a JSON object with \"file_name\" and "
-                                       f"\"text\": {line.strip()[:80]}") from None
+        for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name, caption = os.path.normpath(entry["file_name"]), entry["text"]
+            except (ValueError, KeyError, TypeError):
+                name, caption = None, None
+            if not isinstance(caption, str):
+                raise DatasetError(f"line {number} of {jsonl} is not a JSON object with a \"file_name\" and a "
+                                   f"\"text\" string: {line.strip()[:80]}")
+            if name in found:
+                raise DatasetError(f"line {number} of {jsonl} gives {entry['file_name']} a second caption; give "
+                                   f"each image one line")
+            found[name] = caption
         captions = [found.get(os.path.normpath(os.path.relpath(path, folder))) for path in paths]
         missing = [path for path, caption in zip(paths, captions) if caption is None]
         if missing:
@@ -288,8 +304,7 @@ def read_captions(folder, paths):
         if not os.path.isfile(text_file):
             raise DatasetError(f"the image {path} has no caption: write it into {text_file}, or give every image "
                                f"a line in {jsonl}")
-        with open(text_file, encoding="utf-8") as caption:
-            captions.append(caption.read().strip())
+        captions.append(_read_text(text_file).strip())
     return captions
 
 
@@ -459,8 +474,13 @@ MIRRORED_WORDS = {"left": "right", "right": "left"}
 
 
 def mirror_caption(caption):
-    """The caption of the image flipped left-right: "left" and "right" swap places."""
-    return re.sub(r"\b(left|right)\b", lambda match: MIRRORED_WORDS[match.group(1)], caption)
+    """The caption of the image flipped left-right: the words "left" and "right" swap places, in any case
+    ("Left" becomes "Right", "LEFT" becomes "RIGHT")."""
+    def mirrored(match):
+        word = match.group(0)
+        swapped = MIRRORED_WORDS[word.lower()]
+        return swapped.upper() if word.isupper() else swapped.capitalize() if word[0].isupper() else swapped
+    return re.sub(r"\b(left|right)\b", mirrored, caption, flags=re.IGNORECASE)
 
 
 class CaptionedImages(InMemoryImages):

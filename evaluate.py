@@ -208,10 +208,12 @@ def samples_dataset(opts, settings, images):
     if opts.dataset:
         channels = opts.channels or config.DATASET_CHANNELS.get(opts.dataset, 3)
         saved = settings.get("config", {})
-        # Only the data fields matter; a one-level U-Net without attention accepts any image size.
+        # Only the data fields matter (captions among them); a one-level U-Net without attention accepts any size.
         return config.get_config("cifar10", dataset=opts.dataset, data_dir=opts.data_dir, channels=channels,
                                  image_size=images.shape[1], channel_mults=(1,), attn_resolutions=(),
-                                 num_classes=saved.get("num_classes", 0))
+                                 num_classes=saved.get("num_classes", 0),
+                                 text_encoder=saved.get("text_encoder", "none"),
+                                 vocabulary=tuple(saved.get("vocabulary", ())))
     if "config" in settings:
         return config.config_from_dict(settings["config"])
     return None

@@ -39,6 +39,7 @@ _logsnr), _w3 (--guidance-scale 3), _dt0.995
                                                       an image-to-image grid shows the input and the mask)
     results/images/RUN/samples_ddim_100steps/         --format png: one PNG per image, 000000.png, 000001.png, ...
     results/images/RUN/samples_ddim_100steps.npz      --format npz: arr_0 uint8 (N, H, W, 3), arr_1 the labels
+                                                      (class indices, or the prompts as strings)
     results/images/RUN/process_ddim_100steps.gif      --gif: x_t (top row) and the predicted x_0 (bottom row) of
     results/images/RUN/process_ddim_100steps_strip.png      up to 8 samples, and 10 of those steps side by side
     results/plots/RUN/forward.png, schedules.png      --forward-figure: real images noised at growing t, and the
@@ -280,7 +281,7 @@ def save_samples(images, folder, stem, file_format, nrow, labels=None, header=No
         path = utils.unique_path(folder / f"{stem}.npz")
         arrays = {"arr_0": utils.to_uint8(images)}  # (N, H, W, 3) uint8, as guided-diffusion's evaluator reads
         if labels is not None:
-            arrays["arr_1"] = labels.numpy()
+            arrays["arr_1"] = np.asarray(labels)
         np.savez(path, **arrays)
         return path
     path = utils.unique_path(folder / stem)
@@ -388,8 +389,9 @@ def run(opts, world_size=1):
 
 
 def prompt_tokens(cfg, opts, tokenizer):
-    """For a model trained with captions: the prompts (one per grid row), the token ids (N, L) of every sample's
-    prompt in equal consecutive blocks, N being opts.num_samples rounded down to whole rows, and the row length."""
+    """For a model trained with captions: the prompts (one per grid row; without any, a square grid of the empty one),
+    the token ids (N, L) of every sample's prompt in equal consecutive blocks, N being opts.num_samples rounded down
+    to whole rows, and the row length."""
     prompts = read_prompts(opts)
     if not prompts and jobs.first_process():
         print("no --prompt: sampling with the empty caption, which is the model unconditioned")
@@ -399,7 +401,8 @@ def prompt_tokens(cfg, opts, tokenizer):
                          f"{len(prompts)} or more")
     per_prompt = opts.num_samples // len(prompts)
     rows = [prompt for prompt in prompts for _ in range(per_prompt)]
-    return prompts, tokenizer(rows), per_prompt
+    row_length = per_prompt if prompts != [""] else math.ceil(math.sqrt(per_prompt))  # no prompt: a square grid
+    return prompts, tokenizer(rows), row_length
 
 
 def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, source, tokenizer=None):
@@ -455,6 +458,8 @@ def make_samples(model, diffusion, cfg, opts, device, amp_dtype, image_dir, sour
     if init_image is not None:
         header = init_image if keep_mask is None else torch.cat([init_image, init_image * keep_mask])  # grey = repaint
     row_labels = prompts if prompts not in (None, [""]) else None
+    if prompts is not None:  # the npz keeps each image's prompt, which a reader can use without the vocabulary
+        labels = np.array([prompt for prompt in prompts for _ in range(len(images) // len(prompts))])
     path = save_samples(images, image_dir, stem, opts.format, nrow, labels, header, opts.zoom,
                         row_labels if header is None else None)
     job.close()

@@ -34,9 +34,14 @@ class TextError(config.UserError):
     """A caption or prompt the model cannot read, or a text encoder that cannot be loaded."""
 
 
+# A word: one CJK ideograph (Chinese is written without spaces), or a run of other letters and digits of any script.
+WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
 def words(caption):
-    """The words of a caption: lower case, letters and digits; punctuation separates words and is dropped."""
-    return re.findall(r"[a-z0-9]+", caption.lower())
+    """The words of a caption, lower case: each CJK ideograph, and each run of other letters and digits (of any
+    script); spaces, punctuation and symbols separate words and are dropped."""
+    return WORD.findall(caption.lower())
 
 
 def build_vocabulary(captions):
@@ -111,8 +116,9 @@ def _load_clip(name):
         model = transformers.CLIPTextModel.from_pretrained(name)
     except (OSError, ValueError) as error:  # no such folder, no network, not a CLIP checkpoint
         gist = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TextError(f"could not load the CLIP text encoder {name!r} ({gist}); on a machine with internet run "
-                        f"`huggingface-cli download {name} --local-dir FOLDER` and give --text-model FOLDER") from None
+        raise TextError(f"could not load the CLIP text encoder {name!r} ({gist}); on a machine with internet, run "
+                        f"`huggingface-cli download {name}` once (it fills the Hugging Face cache, which is read "
+                        f"offline afterwards), or download it to a folder and train with --text-model FOLDER") from None
     return tokenizer, model.eval().requires_grad_(False)
 
 
@@ -143,9 +149,13 @@ class ClipTextEncoder(nn.Module):
     It holds no trainable weights and none in the state dict (checkpoints stay small; the config names the
     model), so it is kept out of the module tree and follows the input's device by itself."""
 
-    def __init__(self, name):
+    def __init__(self, name, max_length):
         super().__init__()
         tokenizer, clip = _load_clip(name)
+        positions = clip.config.max_position_embeddings
+        if max_length > positions:
+            raise TextError(f"max_caption_length {max_length} is more than the {positions} tokens the CLIP text "
+                            f"encoder {name!r} reads; use --max-caption-length {positions} or less")
         object.__setattr__(self, "clip", clip)  # not a submodule: no parameters, no state-dict entries
         self.tokenizer = tokenizer
         self.dim = clip.config.hidden_size
@@ -160,6 +170,8 @@ class ClipTextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, tokens):
         """Token rows (B, L) of ClipTokenizer -> CLIP features (B, L, D) float32 and mask (B, L), uncached."""
+        # At least room for [start, end], which the empty caption becomes (model(x_t, t) passes one column).
+        tokens = nn.functional.pad(tokens, (0, max(0, len(self.empty_ids) - tokens.shape[1])))
         ids = tokens - 1
         empty = (tokens == PAD).all(dim=1)
         ids[:, :len(self.empty_ids)][empty] = self.empty_ids.to(tokens.device)
@@ -189,7 +201,7 @@ def create_text_encoder(cfg):
         return TransformerTextEncoder(len(cfg.vocabulary) + FIRST_WORD, cfg.max_caption_length, cfg.text_dim,
                                       cfg.text_layers)
     if cfg.text_encoder == "clip":
-        return ClipTextEncoder(cfg.text_model or CLIP_DEFAULT)
+        return ClipTextEncoder(cfg.text_model or CLIP_DEFAULT, cfg.max_caption_length)
     return None
 
 
@@ -199,7 +211,7 @@ def create_tokenizer(cfg, text_encoder=None):
         return WordTokenizer(cfg.vocabulary, cfg.max_caption_length)
     if cfg.text_encoder == "clip":
         if text_encoder is None:
-            text_encoder = ClipTextEncoder(cfg.text_model or CLIP_DEFAULT)
+            text_encoder = ClipTextEncoder(cfg.text_model or CLIP_DEFAULT, cfg.max_caption_length)
         return ClipTokenizer(text_encoder.tokenizer, cfg.max_caption_length)
     return None
 

@@ -355,12 +355,15 @@ def main(argv=None):
     dataset, sampler, loader, steps_per_epoch = build_loader(cfg, device, rank, world_size)
     tokenizer = None
     if cfg.captioned:  # captions: the vocabulary of a new run comes from them, and every one must fit the model
+        captions = list(dataset.captions)
+        if cfg.random_flip:  # and those of the flipped images, which say left for right
+            captions += [mirror_caption(caption) for caption in captions]
         if cfg.text_encoder == "transformer" and not cfg.vocabulary:
-            cfg = dataclasses.replace(cfg, vocabulary=text.build_vocabulary(dataset.captions))
+            cfg = dataclasses.replace(cfg, vocabulary=text.build_vocabulary(captions))
         try:
             tokenizer = text.create_tokenizer(cfg)
-            preview_labels = tokenizer(dataset.captions[:PREVIEW_SAMPLES] * PREVIEW_SAMPLES)[:PREVIEW_SAMPLES]
-            tokenizer(dataset.captions)
+            preview_labels = tokenizer([captions[index % len(dataset)] for index in range(PREVIEW_SAMPLES)])
+            tokenizer(captions)
         except config.UserError as error:
             config.fail(f"training caption: {error}")
     # A --time-budget run fixes its length after its first steps (TimeBudget); a resumed one kept it (restore).

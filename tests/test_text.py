@@ -4,6 +4,7 @@ training and sampling a captioned run, prompt accuracy's read-back, and the CLIP
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -45,6 +46,8 @@ def in_tmp_dir(tmp_path, monkeypatch):
 
 def test_words_and_vocabulary_ignore_case_and_punctuation():
     assert text.words("A large, GREEN cross.") == ["a", "large", "green", "cross"]
+    # Letters of any script; Chinese, written without spaces, one word per character.
+    assert text.words("Un café_noir: 红色的圆!") == ["un", "café", "noir", "红", "色", "的", "圆"]
     assert text.build_vocabulary(["b a", "a c"]) == ("a", "b", "c")
 
 
@@ -102,14 +105,15 @@ def test_unet_output_depends_on_the_caption_and_not_on_its_padding():
     tokenizer = text.create_tokenizer(cfg)
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 15])
-    tokens = tokenizer(CAPTIONS[:2])
+    tokens = tokenizer(CAPTIONS[1:3])
     out = model(x, t, tokens)
-    assert not torch.allclose(model(x, t, tokenizer(CAPTIONS[1:3])), out, atol=1e-4)
-    # The same captions with four more padding tokens.
-    longer = torch.cat([tokens, torch.zeros(2, 4, dtype=torch.long)], dim=1)[:, :cfg.max_caption_length]
-    shorter = tokens[:, :(tokens != 0).sum(dim=1).max()]
-    torch.testing.assert_close(model(x, t, shorter), out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model(x, t, longer), out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x, t, tokenizer(CAPTIONS[:2])), out, atol=1e-4)
+    # The same captions with no padding columns at all, and with two.
+    tight = tokens[:, :(tokens != 0).sum(dim=1).max()]
+    assert tight.shape[1] < cfg.max_caption_length - 2 and (tight == 0).any()  # the second caption is padded
+    torch.testing.assert_close(model(x, t, tight), out, atol=1e-5, rtol=1e-5)
+    padded = torch.cat([tight, torch.zeros(2, 2, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(x, t, padded), out, atol=1e-5, rtol=1e-5)
 
 
 def test_an_unconditional_model_has_no_text_weights():
@@ -196,6 +200,11 @@ def test_flipped_training_images_get_mirrored_captions(monkeypatch):
         assert list(dataset.CAPTION_POSITIONS)[position] in caption
 
 
+def test_mirroring_swaps_left_and_right_in_any_case():
+    assert dataset.mirror_caption("Left of a LEFT-handed leftover, at the top right") == (
+        "Right of a RIGHT-handed leftover, at the top left")
+
+
 def write_captioned_folder(root, captions):
     root.mkdir()
     for index, caption in enumerate(captions):
@@ -221,9 +230,16 @@ def test_missing_captions_and_bad_caption_lines_are_named(tmp_path):
     folder = write_captioned_folder(tmp_path / "missing", ["a red cross", None])
     with pytest.raises(dataset.DatasetError, match=r"1\.png has no caption.*1\.txt"):
         dataset.read_captions(str(folder), [str(folder / f"{i}.png") for i in range(2)])
-    (folder / "captions.jsonl").write_text('{"file_name": "0.png", "text": "x"}\nnot json\n')
-    with pytest.raises(dataset.DatasetError, match="line 2 of"):
-        dataset.read_captions(str(folder), [str(folder / "0.png")])
+    bad_lines = {"not json": "line 2 of", '{"file_name": "1.png", "text": null}': "line 2 of",
+                 '{"file_name": "0.png", "text": "y"}': "second caption"}
+    for line, message in bad_lines.items():
+        (folder / "captions.jsonl").write_text('{"file_name": "0.png", "text": "x"}\n' + line + "\n")
+        with pytest.raises(dataset.DatasetError, match=message):
+            dataset.read_captions(str(folder), [str(folder / "0.png")])
+    (folder / "captions.jsonl").unlink()
+    (folder / "1.txt").write_bytes(b"\xff\xfe caption")
+    with pytest.raises(dataset.DatasetError, match="not UTF-8"):
+        dataset.read_captions(str(folder), [str(folder / f"{i}.png") for i in range(2)])
 
 
 def test_a_config_conditions_on_labels_or_captions_not_both():
@@ -243,11 +259,12 @@ TRAIN_FLAGS = ["--preset", "demo", "--image-size", "16", "--base-channels", "32"
 
 def test_vocabulary_is_saved_with_the_run_and_sampling_needs_no_data(in_tmp_dir, capsys):
     folder = write_captioned_folder(in_tmp_dir / "pictures", ["a red cross", "a blue circle", "a red circle",
-                                                              "a blue cross"])
+                                                              "a blue cross on the Left"])
     train.main([*TRAIN_FLAGS, "--dataset", "folder", "--data-dir", str(folder), "--max-steps", "2",
-                "--run-name", "words"])
+                "--run-name", "words", "--random-flip"])
     saved = config.config_from_dict(utils.load_checkpoint(Path("checkpoints/words/last.pt"))["config"])
-    assert saved.vocabulary == ("a", "blue", "circle", "cross", "red")
+    # "right" too: the flipped image of the last caption says it.
+    assert saved.vocabulary == ("a", "blue", "circle", "cross", "left", "on", "red", "right", "the")
     for path in folder.iterdir():
         path.unlink()
     folder.rmdir()
@@ -255,6 +272,10 @@ def test_vocabulary_is_saved_with_the_run_and_sampling_needs_no_data(in_tmp_dir,
                                                "a blue circle", "--num-samples", "4", "--steps", "2"]))
     labelled = Image.open(written[0])
     assert labelled.height == 2 * 18 + 2 and labelled.width > 2 * 18 + 2  # two rows, a margin with the prompts
+    written = sample.run(sample.parse_options(["--run-name", "words", "--prompt", "a red cross", "--prompt",
+                                               "a blue circle", "--num-samples", "4", "--steps", "2",
+                                               "--format", "npz"]))
+    assert np.load(written[0])["arr_1"].tolist() == ["a red cross"] * 2 + ["a blue circle"] * 2
     capsys.readouterr()
     with pytest.raises(SystemExit):
         sample.main(["--run-name", "words", "--prompt", "a green cross", "--steps", "2"])
@@ -270,6 +291,16 @@ def test_prompts_split_the_samples_and_come_from_a_file_too(in_tmp_dir):
     assert rows == ["a green square", "a red cross", "a blue circle"] and per_prompt == 2
     expected = text.create_tokenizer(cfg)([prompt for prompt in rows for _ in range(2)])
     assert torch.equal(tokens, expected)
+
+
+def test_each_prompt_flag_takes_one_prompt_and_no_prompt_is_a_square_grid(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_options(["--prompt", "a", "green", "square"])  # unquoted: not three prompts
+    assert "unrecognized arguments: green square" in capsys.readouterr().err
+    cfg = config.get_config("demo", text_encoder="transformer", vocabulary=("a", "square"))
+    rows, tokens, row_length = sample.prompt_tokens(cfg, sample.parse_options(["--num-samples", "16"]),
+                                                    text.create_tokenizer(cfg))
+    assert rows == [""] and row_length == 4 and tokens.eq(0).all()
 
 
 def test_prompts_for_a_model_without_captions_are_refused():
@@ -356,6 +387,12 @@ def test_clip_encoder_is_frozen_cached_and_kept_out_of_the_checkpoint(tmp_path):
     out = model(x, torch.tensor([1, 2, 3]), tokens)
     assert not torch.allclose(out[0], model(x, torch.tensor([1, 2, 3]), tokenizer(["a blue circle"] * 3))[0])
     assert all(not p.requires_grad for p in encoder.clip.parameters())
+    # No caption at all (model(x_t, t)) is the empty caption, the null condition, as for every encoder.
+    torch.testing.assert_close(model(x, torch.tensor([1, 2, 3])), model(x, torch.tensor([1, 2, 3]),
+                                                                        tokenizer(["", "", ""])))
+    with pytest.raises(text.TextError, match="more than the 32 tokens"):
+        create_model(config.get_config("demo", **{**TINY, "text_encoder": "clip", "text_model": str(folder),
+                                                  "max_caption_length": 40}))
 
 
 def test_a_clip_model_that_cannot_be_loaded_is_one_sentence(tmp_path):
