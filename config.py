@@ -54,7 +54,8 @@ class ConfigError(UserError, ValueError):
 def flag_field(default, help, choices=None, flag=True, repeat=False):
     """A dataclass field whose help text serves as its docstring and as its flag's --help; `choices`, if given,
     limits the flag's values (argparse rejects others with a one-line message). flag=False: a field the scripts
-    fill in, with no flag. repeat=True (a tuple): the flag takes one value and may be given several times, the values collected."""
+    fill in, with no flag. repeat=True (a tuple): the flag takes one value and may be given several times, the
+    values collected."""
     metadata = {"help": help, "choices": choices, "flag": flag, "repeat": repeat}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=metadata)
@@ -120,7 +121,7 @@ class Config:
     ema_decay: float = flag_field(0.9999, "decay of the exponential moving average of the weights, in [0, 1)")
     ema_gamma: float = flag_field(0.0, "power-function EMA (Karras et al. 2024) instead: the average weighs step s "
                                        "by s^gamma, so it covers the same late part of any run length (e.g. 7); "
-                                       "0 = off, use ema_decay")
+                                       "0 = off, use ema_decay (giving only --ema-decay turns it off)")
     amp: str = flag_field("auto", "mixed precision: auto = bf16 (or fp16) on CUDA, bf16 on CPUs with AMX or "
                                    "AVX-512 BF16, none on other CPUs", AMP_MODES)
     grad_accum: int = flag_field(1, "micro-batches accumulated into one optimizer step")
@@ -308,23 +309,24 @@ PRESETS = {
         save_every=2000, sample_every=2000,
     ),
     # A CPU recipe for digits: 10 minutes (--time-budget) on 2 cores. The digits at 16x16 (as USPS has them), which
-    # trains about 2.5x faster than 32x32 and gives the run about 3,000 steps of 16 images on a 2-core CPU without
-    # AMX; the demo's model and recipe otherwise (README, Results: what was tried).
+    # trains about 2.5x faster than 32x32, with their labels; the demo's model and recipe otherwise (README, Results:
+    # what was tried). On a folder of digits give --num-classes 10 (one sub-folder per digit).
     "mnist-cpu": dict(
-        dataset="mnist", channels=1, image_size=16, random_flip=False, base_channels=32, channel_mults=(1, 2, 2),
-        num_res_blocks=1, attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr",
-        batch_size=16, epochs=0, max_steps=3000, time_budget="10m", lr=1e-3, warmup_steps=100, ema_decay=0.995,
-        num_workers=0, save_every=1000, sample_every=1000, log_every=50, keep_checkpoints=2,
+        dataset="mnist", num_classes=10, channels=1, image_size=16, random_flip=False, base_channels=32,
+        channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v",
+        loss_weighting="min_snr", batch_size=64, epochs=0, max_steps=1500, time_budget="10m", lr=1e-3,
+        warmup_steps=100, ema_gamma=7.0, num_workers=0, save_every=1000, sample_every=1000, log_every=50,
+        keep_checkpoints=2,
     ),
-    # A tiny model on the built-in offline `shapes` data, for a CPU: 5 minutes (--time-budget) on 2 cores.
-    # v-prediction with Min-SNR-5 weighting learns the shapes and their colours in far fewer steps than plain
-    # eps-prediction; 16x16 images train about 2.5x faster than 32x32, and in a few minutes the number of steps
-    # decides the quality more than anything else tried (README, Results: what was tried). amp auto: bf16 on CPUs
-    # with AMX or AVX-512 BF16, float32 on others.
+    # A tiny class-conditional model on the built-in offline `shapes` data, for a CPU: 5 minutes (--time-budget) on
+    # 2 cores. The labels are the largest lever found: told which shape to draw, the model stops drawing hybrids of
+    # two (0.48 -> 0.91 of the samples confidently one shape, README, Results: what was tried). v-prediction with
+    # Min-SNR-5 learns in far fewer steps than eps-prediction; 16x16 trains 2.5x faster than 32x32; batch 64, two
+    # levels and the power-function EMA won the trials. amp auto: bf16 on CPUs with AMX or AVX-512 BF16, else fp32.
     "demo": dict(
-        dataset="shapes", image_size=16, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-        attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=32,
-        epochs=0, max_steps=1000, time_budget="5m", lr=1e-3, warmup_steps=100, ema_decay=0.995, num_workers=0,
+        dataset="shapes", num_classes=4, image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+        attn_resolutions=(8,), num_heads=4, dropout=0.0, objective="v", loss_weighting="min_snr", batch_size=64,
+        epochs=0, max_steps=1000, time_budget="5m", lr=1e-3, warmup_steps=100, ema_gamma=7.0, num_workers=0,
         save_every=500, sample_every=500, log_every=20, keep_checkpoints=2,
     ),
     # Text-conditional generation on a CPU: the captioned shapes (16x16) and the prompts that name them, 30 minutes
@@ -353,6 +355,16 @@ def get_config(preset="cifar10", **overrides):
     # Naming a dataset with a known channel count sets `channels` too, unless it was given.
     if "dataset" in overrides and "channels" not in overrides and values["dataset"] in DATASET_CHANNELS:
         values["channels"] = DATASET_CHANNELS[values["dataset"]]
+    # A class-conditional preset (demo) keeps its labels on another dataset only where their number is known (a
+    # folder's is not: give --num-classes), and gives them up for captions; unless num_classes was given.
+    if values.get("num_classes", 0) > 0 and "num_classes" not in overrides:
+        if overrides.get("text_encoder", "none") != "none":
+            values["num_classes"] = 0
+        elif "dataset" in overrides:
+            values["num_classes"] = DATASET_NUM_CLASSES.get(values["dataset"], 0)
+    # Likewise an ema_decay given to a preset with the power-function EMA (demo) means that EMA instead of it.
+    if "ema_decay" in overrides and "ema_gamma" not in overrides:
+        values["ema_gamma"] = 0.0
     return Config(**values)
 
 

@@ -419,6 +419,8 @@ def fine_tune_config(cfg, source_cfg, overrides):
     if "max_steps" in overrides or "epochs" in overrides:
         own.setdefault("time_budget", "")
         own.setdefault("epochs" if "max_steps" in overrides else "max_steps", 0)
+    if "ema_decay" in overrides:  # an EMA decay alone turns the power-function EMA off, as it does a preset's
+        own.setdefault("ema_gamma", cfg.ema_gamma)
     return dataclasses.replace(source_cfg, **own)
 
 

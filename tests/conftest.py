@@ -12,7 +12,7 @@ import utils
 from model import create_model
 
 # A U-Net small enough to run in milliseconds on a CPU: 16x16 images, two levels, T = 20.
-TINY = dict(image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
+TINY = dict(num_classes=0, image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
             num_res_blocks=1, timesteps=20)
 
 
@@ -58,7 +58,7 @@ def tiny_checkpoint(run, num_classes=0, seed=0, step=0, **overrides):
     """Write checkpoints/RUN/last.pt (relative to the working directory) for a TINY model: raw weights differ from
     the EMA weights, and neither has the zero layers of a fresh model, so predictions depend on x_t, t and y.
     `overrides` change the config (say channels=1 with dataset="folder")."""
-    cfg = config.get_config("demo", num_classes=num_classes, run_name=run, **{**TINY, **overrides})
+    cfg = config.get_config("demo", run_name=run, **{**TINY, "num_classes": num_classes, **overrides})
     torch.manual_seed(seed)
     ema_model = randomise_zero_layers_(create_model(cfg))
     raw_model = randomise_zero_layers_(create_model(cfg))

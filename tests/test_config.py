@@ -128,6 +128,19 @@ def test_naming_a_dataset_sets_its_channels_unless_given():
         config.get_config("cifar10", dataset="mnist", channels=3)
 
 
+def test_the_labels_and_the_ema_of_a_preset_follow_what_was_given():
+    assert config.get_config("demo").num_classes == 4  # the demo is class-conditional
+    assert config.get_config("demo", dataset="mnist").num_classes == 10
+    assert config.get_config("demo", dataset="folder", data_dir="x").num_classes == 0  # a folder's count is unknown
+    assert config.get_config("demo", dataset="folder", data_dir="x", num_classes=3).num_classes == 3
+    assert config.get_config("demo", text_encoder="transformer").num_classes == 0  # captions instead of labels
+    assert parse("--preset", "demo", "--dataset", "folder", "--data-dir", "x").num_classes == 0
+    assert config.get_config("cifar10", dataset="shapes").num_classes == 0  # an unconditional preset stays so
+    # An EMA decay given to the demo, whose preset averages with the power function, means that EMA.
+    assert config.get_config("demo").ema_gamma == 7 and config.get_config("demo", ema_decay=0.9).ema_gamma == 0
+    assert config.get_config("demo", ema_decay=0.9, ema_gamma=5.0).ema_gamma == 5
+
+
 @pytest.mark.parametrize("module_name, class_name", [
     ("config", "Config"), ("sample", "SampleOptions"), ("evaluate", "EvalOptions"),
     ("benchmark", "BenchmarkOptions"), ("distill", "DistillOptions"), ("compress", "CompressOptions")])

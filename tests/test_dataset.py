@@ -13,6 +13,11 @@ import dataset
 from dataset import DatasetError, ShapesDataset, build_dataset, class_names
 
 
+def shapes_32_config(**overrides):
+    """The demo's data config at 32x32 (attention at 16x16, which a 32x32 two-level U-Net has)."""
+    return config.get_config("demo", image_size=32, attn_resolutions=(16,), **overrides)
+
+
 @pytest.fixture(scope="module")
 def shapes_train():
     return ShapesDataset(train=True)
@@ -84,15 +89,15 @@ def test_random_flip_mirrors_training_images_only():
     mirrored = original.flip(-1)
 
     torch.manual_seed(0)
-    train_set = build_dataset(config.get_config("demo", image_size=32, random_flip=True), train=True)
+    train_set = build_dataset(shapes_32_config(random_flip=True), train=True)
     draws = [train_set[index][0] for _ in range(30)]
     assert all(torch.equal(draw, original) or torch.equal(draw, mirrored) for draw in draws)
     assert any(torch.equal(draw, original) for draw in draws)
     assert any(torch.equal(draw, mirrored) for draw in draws)
 
-    test_set = build_dataset(config.get_config("demo", image_size=32, random_flip=True), train=False)
+    test_set = build_dataset(shapes_32_config(random_flip=True), train=False)
     assert all(torch.equal(test_set[index][0], test_set[index][0]) for _ in range(10))
-    no_flip_set = build_dataset(config.get_config("demo", image_size=32, random_flip=False), train=True)
+    no_flip_set = build_dataset(shapes_32_config(random_flip=False), train=True)
     assert all(torch.equal(no_flip_set[index][0], original) for _ in range(10))
 
 

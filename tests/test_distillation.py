@@ -31,7 +31,7 @@ def teacher(tmp_path, monkeypatch):
 
 
 def tiny_teacher(objective="v", num_classes=0):
-    cfg = config.get_config("demo", objective=objective, num_classes=num_classes, **TINY)
+    cfg = config.get_config("demo", objective=objective, **{**TINY, "num_classes": num_classes})
     torch.manual_seed(0)
     return randomise_zero_layers_(create_model(cfg)).eval(), create_diffusion(cfg)
 

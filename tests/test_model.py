@@ -13,7 +13,8 @@ from model import GroupNorm, ResBlock, SelfAttention, TimestepEmbedding, create_
 
 def tiny_config(**overrides):
     """A 3-level U-Net at 16x16 (attention at 8x8 and in the middle) that runs in milliseconds."""
-    return get_config("demo", image_size=16, dropout=0.0, **overrides)
+    return get_config("demo", **{"image_size": 16, "dropout": 0.0, "num_classes": 0, "channel_mults": (1, 2, 2),
+                                 **overrides})
 
 
 def tiny_model(seed=0, **overrides):

@@ -201,9 +201,14 @@ def test_fine_tune_config_takes_the_source_settings_and_the_flags_given():
     tuned = training.fine_tune_config(cfg, source, {"init_from": "x.pt", "run_name": "ft", "max_steps": 10})
     assert tuned.lr == 3e-3 and tuned.ema_decay == 0.99 and tuned.dataset == "shapes" and tuned.preset == "demo"
     assert tuned.max_steps == 10 and tuned.time_budget == "" and tuned.run_name == "ft"
+    # An EMA decay given alone turns the source's power-function EMA off.
+    source = config.get_config("demo", run_name="src")
+    decay = config.get_config("cifar10", init_from="x.pt", run_name="ft", ema_decay=0.9)
+    assert training.fine_tune_config(decay, source, {"ema_decay": 0.9}).ema_gamma == 0 and source.ema_gamma == 7
     # A flag that names the source's own architecture is no change (argparse gives a list, the config a tuple).
-    same = config.get_config("cifar10", init_from="x.pt", run_name="ft", channel_mults=(1, 2, 2))
-    assert training.fine_tune_config(same, source, {"channel_mults": [1, 2, 2]}).channel_mults == (1, 2, 2)
+    same = config.get_config("cifar10", init_from="x.pt", run_name="ft", channel_mults=(1, 2),
+                             attn_resolutions=(16,))
+    assert training.fine_tune_config(same, source, {"channel_mults": [1, 2]}).channel_mults == (1, 2)
     other = config.get_config("cifar10", init_from="x.pt", run_name="ft", channel_mults=(1, 2, 2, 2))
     with pytest.raises(config.ConfigError, match=r"--channel-mults \(1, 2, 2, 2\) would change the model"):
         training.fine_tune_config(other, source, {"channel_mults": [1, 2, 2, 2]})

@@ -184,7 +184,8 @@ def test_flipped_training_images_get_mirrored_captions(monkeypatch):
     shapes = dataset.CaptionedShapes(train=True, image_size=32, num_images=64)
     vocabulary = text.build_vocabulary(shapes.captions)
     tokenizer = text.WordTokenizer(vocabulary, 16)
-    cfg = config.get_config("demo", text_encoder="transformer", image_size=32, random_flip=True)
+    cfg = config.get_config("demo", text_encoder="transformer", image_size=32, attn_resolutions=(16,),
+                            random_flip=True)
 
     class State:
         epoch = batch_in_epoch = 0
