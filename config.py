@@ -73,7 +73,9 @@ class Config:
     data_dir: str = flag_field("data", "where datasets are downloaded or read from (for 'folder': the image folder)")
     image_size: int = flag_field(32, "height and width of the images the model sees, in pixels")
     channels: int = flag_field(3, "image channels: 3 for RGB, 1 for grayscale")
-    num_classes: int = flag_field(0, "number of class labels for conditional training; 0 = unconditional")
+    num_classes: int = flag_field(0, "number of class labels for conditional training; 0 = unconditional. A "
+                                     "conditional preset (demo) keeps its labels on a dataset with known classes "
+                                     "and drops them for a folder or captions, unless this is given")
     random_flip: bool = flag_field(True, "flip training images horizontally at random")
 
     # --- model (the U-Net in model.py) ---
@@ -320,7 +322,7 @@ PRESETS = {
     ),
     # A tiny class-conditional model on the built-in offline `shapes` data, for a CPU: 5 minutes (--time-budget) on
     # 2 cores. The labels are the largest lever found: told which shape to draw, the model stops drawing hybrids of
-    # two (0.48 -> 0.91 of the samples confidently one shape, README, Results: what was tried). v-prediction with
+    # two (0.53 -> 0.91 of the samples confidently one shape, README, Results: what was tried). v-prediction with
     # Min-SNR-5 learns in far fewer steps than eps-prediction; 16x16 trains 2.5x faster than 32x32; batch 64, two
     # levels and the power-function EMA won the trials. amp auto: bf16 on CPUs with AMX or AVX-512 BF16, else fp32.
     "demo": dict(
@@ -363,6 +365,7 @@ def get_config(preset="cifar10", **overrides):
         elif "dataset" in overrides:
             values["num_classes"] = DATASET_NUM_CLASSES.get(values["dataset"], 0)
     # Likewise an ema_decay given to a preset with the power-function EMA (demo) means that EMA instead of it.
+    # (resolve_run and fine_tune_config follow the same two rules for a run resumed or started --init-from.)
     if "ema_decay" in overrides and "ema_gamma" not in overrides:
         values["ema_gamma"] = 0.0
     return Config(**values)
@@ -381,8 +384,8 @@ def config_from_dict(values):
         raise ConfigError(f"the saved config has field(s) this version does not know: {', '.join(unknown)}")
     preset = values.get("preset", "cifar10")
     base = asdict(get_config(preset)) if preset in PRESETS else {}
-    # A run saved before time budgets existed had none, whatever its preset has today.
-    return Config(**{**base, "time_budget": "", **values})
+    # A run saved before time budgets or the power-function EMA existed had neither, whatever its preset has today.
+    return Config(**{**base, "time_budget": "", "ema_gamma": 0.0, **values})
 
 
 def save_config(cfg, path):

@@ -5,8 +5,8 @@
     python sample.py --run-name demo --format npz --num-samples 50000   # for FID tools: arr_0 (N, H, W, 3) uint8
     python sample.py --pretrained data/ddpm-cifar10-32   # the original DDPM CIFAR-10 weights (diffusers format)
     python sample.py --export-diffusers out/my-ddpm      # write the EMA weights in the diffusers format, and stop
-    python sample.py --run-name demo --class-label circle cross --guidance-scale 3   # a model trained with labels
-    python sample.py --run-name demo --class-grid   # one row per class              # (the demo: --num-classes 4)
+    python sample.py --run-name demo --class-label circle cross --guidance-scale 3   # the demo has labels: guidance
+    python sample.py --run-name demo --class-grid   # one row per class
     python sample.py --run-name demo --init-image photo.png --strength 0.6     # SDEdit: image to image
     python sample.py --run-name demo --init-image photo.png --mask mask.png    # inpaint the mask's white pixels
     python sample.py --run-name demo --gif               # watch the reverse process: a GIF and a strip of steps

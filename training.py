@@ -379,6 +379,8 @@ def resolve_run(preset, overrides, rank=0):
     config.check_same_model(cfg, overrides, saved, f"checkpoint {path}", "use another --run-name to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
+    if "ema_decay" in changes and "ema_gamma" not in overrides and saved.ema_gamma:
+        changes["ema_gamma"] = 0.0  # an EMA decay alone turns the power-function EMA off, as it does a preset's
     planned = state.get("budget_steps")
     if changes.get("time_budget") and not saved.time_budget:
         raise utils.UsageError(f"{path} was trained without --time-budget, and a budget can only be set when a run "

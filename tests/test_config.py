@@ -119,6 +119,9 @@ def test_old_saved_configs_get_new_fields_from_their_preset():
     assert config.config_from_dict(values).max_bad_steps == config.get_config("demo").max_bad_steps
     with pytest.raises(config.ConfigError, match="does not know"):
         config.config_from_dict({**values, "future_field": 1})
+    # A run saved before the power-function EMA keeps its plain EMA, though its preset (demo) now has the other.
+    del values["ema_gamma"]
+    assert config.config_from_dict(values).ema_gamma == 0
 
 
 def test_naming_a_dataset_sets_its_channels_unless_given():

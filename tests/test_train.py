@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import diffusion
 import train
 import training
@@ -284,6 +285,10 @@ def test_resume_refuses_architecture_change_and_applies_training_change(capsys):
     assert run_train("--run-name", "r", "--max-steps", "3") == 0
     assert "changed settings: max_steps=3" in capsys.readouterr().out
     assert weights("r")["step"] == 3
+    # The demo's power-function EMA: an EMA decay given alone on resume turns it off, as it does at the start.
+    assert config.config_from_dict(weights("r")["config"]).ema_gamma == 7
+    assert run_train("--run-name", "r", "--max-steps", "4", "--ema-decay", "0.9") == 0
+    assert config.config_from_dict(weights("r")["config"]).ema_gamma == 0
 
 
 @pytest.mark.parametrize("flag, value", [("--timesteps", "30"), ("--beta-schedule", "cosine"),
