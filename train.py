@@ -59,9 +59,9 @@ def setup(argv):
         preset_classes = config.PRESETS[args.preset].get("num_classes", 0)
         if checkpoint is None and preset_classes and not cfg.num_classes and "num_classes" not in overrides \
                 and rank == 0:
-            print(f"note: preset {args.preset} learns with {preset_classes} class labels, but "
-                  f"{'captions replace them' if cfg.captioned else f'the number of classes of dataset {cfg.dataset} is not known'}"
-                  f"; this run is unconditional (give --num-classes N to train with N labels)")
+            why = "captions replace them" if cfg.captioned else f"dataset {cfg.dataset} has no known class count"
+            print(f"note: preset {args.preset} learns with {preset_classes} class labels, but {why}; this run is "
+                  f"unconditional (give --num-classes N to train with N labels)")
         teacher_state = utils.load_checkpoint(cfg.teacher) if cfg.teacher else None
         if teacher_state is not None and checkpoint is None:  # a new distillation run: the teacher's model and data
             teacher_cfg = config.config_from_dict(teacher_state["config"])
