@@ -353,6 +353,7 @@ def get_config(preset="cifar10", **overrides):
     unknown = sorted(set(overrides) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    overrides = implied_overrides(overrides)
     values = {**PRESETS[preset], **overrides, "preset": preset}
     # Naming a dataset with a known channel count sets `channels` too, unless it was given.
     if "dataset" in overrides and "channels" not in overrides and values["dataset"] in DATASET_CHANNELS:
@@ -364,11 +365,15 @@ def get_config(preset="cifar10", **overrides):
             values["num_classes"] = 0
         elif "dataset" in overrides:
             values["num_classes"] = DATASET_NUM_CLASSES.get(values["dataset"], 0)
-    # Likewise an ema_decay given to a preset with the power-function EMA (demo) means that EMA instead of it.
-    # (resolve_run and fine_tune_config follow the same two rules for a run resumed or started --init-from.)
-    if "ema_decay" in overrides and "ema_gamma" not in overrides:
-        values["ema_gamma"] = 0.0
     return Config(**values)
+
+
+def implied_overrides(overrides):
+    """`overrides` with what they imply: an ema_decay given alone means that EMA, so it turns the power-function EMA
+    off, be it a preset's (demo), a resumed run's or that of the checkpoint a run starts --init-from."""
+    if "ema_decay" in overrides and "ema_gamma" not in overrides:
+        return {**overrides, "ema_gamma": 0.0}
+    return overrides
 
 
 def config_to_dict(cfg):
@@ -438,13 +443,13 @@ def add_config_flags(parser):
 
 
 def overrides_from_args(args):
-    """The config fields the user set on the command line, as a dict."""
+    """The config fields the user set on the command line, and those they imply (implied_overrides), as a dict."""
     overrides = {}
     for name in FIELD_NAMES:
         value = getattr(args, name, None)
         if name != "preset" and value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value
-    return overrides
+    return implied_overrides(overrides)
 
 
 def config_from_args(args):

@@ -379,8 +379,6 @@ def resolve_run(preset, overrides, rank=0):
     config.check_same_model(cfg, overrides, saved, f"checkpoint {path}", "use another --run-name to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
-    if "ema_decay" in changes and "ema_gamma" not in overrides and saved.ema_gamma:
-        changes["ema_gamma"] = 0.0  # an EMA decay alone turns the power-function EMA off, as it does a preset's
     planned = state.get("budget_steps")
     if changes.get("time_budget") and not saved.time_budget:
         raise utils.UsageError(f"{path} was trained without --time-budget, and a budget can only be set when a run "
@@ -421,8 +419,6 @@ def fine_tune_config(cfg, source_cfg, overrides):
     if "max_steps" in overrides or "epochs" in overrides:
         own.setdefault("time_budget", "")
         own.setdefault("epochs" if "max_steps" in overrides else "max_steps", 0)
-    if "ema_decay" in overrides:  # an EMA decay alone turns the power-function EMA off, as it does a preset's
-        own.setdefault("ema_gamma", cfg.ema_gamma)
     return dataclasses.replace(source_cfg, **own)
 
 

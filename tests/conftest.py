@@ -12,8 +12,8 @@ import utils
 from model import create_model
 
 # A U-Net small enough to run in milliseconds on a CPU: 16x16 images, two levels, T = 20.
-TINY = dict(num_classes=0, image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,), num_heads=2,
-            num_res_blocks=1, timesteps=20)
+TINY = dict(num_classes=0, image_size=16, base_channels=32, channel_mults=(1, 2), attn_resolutions=(8,),
+            num_heads=2, num_res_blocks=1, timesteps=20)
 
 
 def reference_library(name):

@@ -204,7 +204,8 @@ def test_fine_tune_config_takes_the_source_settings_and_the_flags_given():
     # An EMA decay given alone turns the source's power-function EMA off.
     source = config.get_config("demo", run_name="src")
     decay = config.get_config("cifar10", init_from="x.pt", run_name="ft", ema_decay=0.9)
-    assert training.fine_tune_config(decay, source, {"ema_decay": 0.9}).ema_gamma == 0 and source.ema_gamma == 7
+    flags = config.implied_overrides({"ema_decay": 0.9})  # what train.py passes for --ema-decay 0.9
+    assert training.fine_tune_config(decay, source, flags).ema_gamma == 0 and source.ema_gamma == 7
     # A flag that names the source's own architecture is no change (argparse gives a list, the config a tuple).
     same = config.get_config("cifar10", init_from="x.pt", run_name="ft", channel_mults=(1, 2),
                              attn_resolutions=(16,))
