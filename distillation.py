@@ -19,6 +19,8 @@ learns x~ with the paper's truncated-SNR weight, max(SNR_t, 1) ||x~ - x0_student
 
 A class-conditional teacher is distilled at a fixed guidance scale (guidance_scale): the teacher's steps are guided,
 and the student learns the guided result from the label alone, so it samples at guidance 1 (its config says so).
+Its guidance is then in its weights: when it teaches the next round, its steps are not guided again
+(teacher_guidance), and its students keep its distill_guidance, the scale the whole chain stands for.
 
 Imports config; no script.
 """
@@ -39,7 +41,19 @@ def student_config(cfg, teacher_cfg, overrides):
     config.check_same_model(cfg, overrides, teacher_cfg, f"the teacher {cfg.teacher}",
                             "a student has its teacher's architecture")
     inherited = [*config.ARCHITECTURE_FIELDS, *(name for name in DATA_FIELDS if name not in overrides)]
+    if teacher_cfg.teacher:  # the teacher is a student: its guidance is in its weights, and its students keep it
+        if "distill_guidance" in overrides and cfg.distill_guidance != teacher_cfg.distill_guidance:
+            raise config.ConfigError(f"--distill-guidance {cfg.distill_guidance:g} differs from the guidance its "
+                                     f"teacher {cfg.teacher} was distilled at ({teacher_cfg.distill_guidance:g}), "
+                                     f"which is in that student's weights; a chain of rounds keeps one guidance scale")
+        inherited.append("distill_guidance")
     return dataclasses.replace(cfg, **{name: getattr(teacher_cfg, name) for name in inherited})
+
+
+def teacher_guidance(cfg, teacher_cfg):
+    """The guidance scale of the teacher's steps in the run `cfg` distilling `teacher_cfg`: the run's
+    distill_guidance for a trained model, 1 for a distilled student (its guidance is already in its weights)."""
+    return 1.0 if teacher_cfg.teacher else cfg.distill_guidance
 
 
 class ProgressiveDistillation:

@@ -406,7 +406,8 @@ def main(argv=None):
         if checkpoint is None:
             state.model.load_state_dict(teacher_state["ema"])
             state.ema_model.load_state_dict(teacher_state["ema"])
-        diffusion = ProgressiveDistillation(diffusion, teacher, cfg.student_steps, cfg.distill_guidance)
+        guidance = distillation.teacher_guidance(cfg, config.config_from_dict(teacher_state["config"]))
+        diffusion = ProgressiveDistillation(diffusion, teacher, cfg.student_steps, guidance)
     state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     # Without a budget it only counts the training time, which checkpoints keep.
     budget = TimeBudget(config.parse_duration(cfg.time_budget) if cfg.time_budget else math.inf,

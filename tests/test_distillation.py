@@ -149,3 +149,26 @@ def test_distill_refuses_impossible_rounds_in_one_sentence(flags, message, capsy
     with pytest.raises(SystemExit) as exit:
         distill.main(["--teacher", "teacher", *flags])
     assert exit.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_a_guided_chain_guides_only_the_first_teacher(monkeypatch):
+    # A student distilled at guidance 3 has the guidance in its weights: as the next round's teacher its steps are
+    # not guided again (guiding them would compound to a much larger scale), and its student keeps the scale.
+    tiny_checkpoint("labelled", num_classes=4, seed=0)
+    applied = []
+
+    def recording(diffusion, teacher, student_steps, guidance_scale=1.0):
+        applied.append(guidance_scale)
+        return ProgressiveDistillation(diffusion, teacher, student_steps, guidance_scale)
+
+    monkeypatch.setattr(train, "ProgressiveDistillation", recording)
+    distill.main(["--teacher", "labelled", "--start-steps", "4", "--end-steps", "2", "--steps-per-round", "1",
+                  "--distill-guidance", "3", *TRAIN_FLAGS])
+    assert applied == [3.0, 1.0]
+    assert weights("labelled-pd4")["config"]["distill_guidance"] == weights("labelled-pd2")["config"][
+        "distill_guidance"] == 3.0
+    # A round from a guided student at another scale is refused: the chain stands for one guidance scale.
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--preset", "demo", "--teacher", "checkpoints/labelled-pd4/last.pt", "--student-steps", "2",
+                    "--distill-guidance", "5", "--run-name", "other", "--max-steps", "1", *TRAIN_FLAGS])
+    assert exit.value.code != 0
