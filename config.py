@@ -410,7 +410,7 @@ def add_dataclass_flags(parser, cls, title, skip=()):
         if f.name in skip or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %: "10%" must be "10%%"
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

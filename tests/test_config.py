@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_every_field_has_a_flag_and_help():
         # A field the scripts fill in (the vocabulary train.py builds) has no flag.
         assert ("--" + f.name.replace("_", "-") in help_text) == f.metadata["flag"], f.name
     assert [f.name for f in dataclasses.fields(config.Config) if not f.metadata["flag"]] == ["vocabulary"]
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("train", []), ("sample", []), ("evaluate", []), ("benchmark", []), ("distill", []), ("dataset", []),
+    ("quality", []), ("prompts", []), ("gaussian", []), ("compress", ["quantize"]), ("compress", ["prune"]),
+])
+def test_every_script_prints_its_help(script, argv, capsys):
+    # argparse formats help strings with %: a help text saying "10%" once made compress.py prune --help a traceback.
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).main([*argv, "--help"])
+    assert exit.value.code == 0 and "--" in capsys.readouterr().out
 
 
 def test_json_round_trip(tmp_path):
