@@ -29,7 +29,8 @@ import text
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm with 32 groups and eps 1e-6, as in DDPM.
+    """GroupNorm with 32 groups and eps 1e-6, as in DDPM. A width that 32 does not divide (a layer of a pruned model:
+    compress.py prune keeps widths a multiple of 8) has gcd(width, 32) groups: 8 or 16.
 
     On a CPU, a bf16/fp16 channels-last input smaller than 32x32 is normalised in float32: PyTorch's kernel takes a
     slow path for those (it parallelises over batch x groups), several times slower than in float32. The result is
@@ -37,7 +38,7 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def __init__(self, channels):
-        super().__init__(32, channels, eps=1e-6)
+        super().__init__(math.gcd(channels, 32), channels, eps=1e-6)
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-2] * x.shape[-1] < 1024
@@ -363,8 +364,8 @@ def fit_layers(model, weights):
 
     A pruned U-Net (compress.py prune) is the config's U-Net with fewer channels in some layers and the same
     connections: its checkpoint holds the layer shapes, and this rebuilds them, with no pruning library. A
-    GroupNorm keeps its 32 groups (pruning keeps every group's share of channels equal); attention keeps its
-    heads, each with fewer channels. The rebuilt layers are freshly initialised: load the weights next."""
+    GroupNorm's groups follow from its width (GroupNorm); attention keeps its heads, each with fewer channels. The
+    rebuilt layers are freshly initialised: load the weights next."""
     for name, layer in list(model.named_modules()):
         weight = getattr(layer, "weight", None)
         shape = getattr(weights.get(f"{name}.weight"), "shape", None)

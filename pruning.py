@@ -5,21 +5,30 @@
 
 Torch-Pruning (Fang et al. 2023, DepGraph) finds the groups of channels that must go together: a block's output
 and the skip path it is added to, the channels a decoder block concatenates from the encoder, a GroupNorm's groups
-(every group keeps the same number of channels, so each layer's width stays a multiple of 32) and the attention heads
-(each head keeps the same channels; the number of heads stays). Every group loses `ratio` of its channels, the
+and the attention heads (each head keeps the same channels; the number of heads stays). Every group loses `ratio` of
+its channels, rounded so that widths stay a multiple of 8, the
 least important ones, as Diff-Pruning (Fang et al. 2023) scores them: the first-order Taylor estimate |w x dL/dw|
 of the loss change, with the gradients of the diffusion training loss summed over `batches` (so over many
 timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
 keep their channels, so the pruned model takes and returns what the original does.
 
+A GroupNorm does not tie channels together: any of them can go, and the pruned layer has gcd(width, 32) groups
+(model.GroupNorm), so the 32-channel layers of a small U-Net (one channel per group) can shrink too. Where a group
+held one channel, the channels that stay are normalised exactly as before; where it held several, the regrouped
+channels are normalised over other partners, which the fine-tuning repairs.
+
 The result is an ordinary UNet whose layers have fewer channels: its state dict is all a checkpoint needs, and
 model.create_model(cfg, weights) rebuilds it without this library (model.fit_layers). Imports torch_pruning.
 """
 
+import math
+
 import torch
 
 import utils
-from model import SelfAttention
+from model import GroupNorm, SelfAttention
+
+ROUND_TO = 8  # every pruned width is a multiple of this, so every GroupNorm keeps at least 8 groups
 
 
 def _torch_pruning():
@@ -30,6 +39,26 @@ def _torch_pruning():
         raise utils.UsageError("pruning needs Torch-Pruning: pip install torch-pruning (see requirements.txt)") \
             from error
     return torch_pruning
+
+
+def _group_norm_pruner(torch_pruning):
+    """Torch-Pruning's GroupNorm pruning, without its rule that every group keeps the same share of channels: a
+    pruned GroupNorm gets the groups that model.GroupNorm gives its new width."""
+
+    class FreeGroupNormPruner(torch_pruning.pruner.function.GroupNormPruner):
+        def prune_out_channels(self, layer, idxs):
+            layer = super().prune_out_channels(layer, idxs)
+            layer.num_groups = math.gcd(layer.num_channels, 32)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channel_groups(self, layer):
+            return 1  # no grouping of the channels for the pruner to keep
+
+        get_in_channel_groups = get_out_channel_groups
+
+    return FreeGroupNormPruner()
 
 
 def example_inputs(cfg, batch_size=1):
@@ -61,7 +90,9 @@ def prune_unet(model, diffusion, batches, ratio, cfg, seed=0):
     model.eval()  # tracing: no dropout
     pruner = torch_pruning.pruner.MetaPruner(model, example_inputs(cfg, 2),
                                              importance=torch_pruning.importance.TaylorImportance(),
-                                             pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads)
+                                             pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads,
+                                             round_to=ROUND_TO,
+                                             customized_pruners={GroupNorm: _group_norm_pruner(torch_pruning)})
     model.train()
     model.zero_grad()
     with torch.random.fork_rng(devices=[]):  # the same channels every time, and the caller's random draws untouched
