@@ -6,16 +6,17 @@
 Torch-Pruning (Fang et al. 2023, DepGraph) finds the groups of channels that must go together: a block's output
 and the skip path it is added to, the channels a decoder block concatenates from the encoder, a GroupNorm's groups
 and the attention heads (each head keeps the same channels; the number of heads stays). Every group loses `ratio` of
-its channels, rounded so that widths stay a multiple of 8, the
-least important ones, as Diff-Pruning (Fang et al. 2023) scores them: the first-order Taylor estimate |w x dL/dw|
+its channels, the kept width rounded to the nearest multiple of 8 (kept_width; for attention, of 8 and the number
+of heads; 32 channels at ratio 0.3 keep 24), the least important ones, as Diff-Pruning (Fang et al. 2023) scores them: the first-order Taylor estimate |w x dL/dw|
 of the loss change, with the gradients of the diffusion training loss summed over `batches` (so over many
 timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
 keep their channels, so the pruned model takes and returns what the original does.
 
 A GroupNorm does not tie channels together: any of them can go, and the pruned layer has gcd(width, 32) groups
-(model.GroupNorm), so the 32-channel layers of a small U-Net (one channel per group) can shrink too. Where a group
-held one channel, the channels that stay are normalised exactly as before; where it held several, the regrouped
-channels are normalised over other partners, which the fine-tuning repairs.
+(model.GroupNorm), so the 32-channel layers of a small U-Net (one channel per group) can shrink too. Where each
+group held one channel and stays one channel (32 channels pruned to 8 or 16), the channels that stay are normalised
+exactly as before; otherwise the regrouped channels are normalised over other partners, which the fine-tuning
+repairs.
 
 The result is an ordinary UNet whose layers have fewer channels: its state dict is all a checkpoint needs, and
 model.create_model(cfg, weights) rebuilds it without this library (model.fit_layers). Imports torch_pruning.
@@ -29,6 +30,12 @@ import utils
 from model import GroupNorm, SelfAttention
 
 ROUND_TO = 8  # every pruned width is a multiple of this, so every GroupNorm keeps at least 8 groups
+
+
+def kept_width(width, ratio, multiple=ROUND_TO):
+    """The channels a layer of `width` keeps when `ratio` of them go: (1 - ratio) x width rounded to the nearest
+    multiple of `multiple`, at least one multiple, at most the width."""
+    return min(width, max(multiple, round(width * (1 - ratio) / multiple) * multiple))
 
 
 def _torch_pruning():
@@ -87,11 +94,19 @@ def prune_unet(model, diffusion, batches, ratio, cfg, seed=0):
     for layer in model.modules():
         if isinstance(layer, SelfAttention):
             heads.update({projection: layer.num_heads for projection in (layer.q, layer.k, layer.v)})
+    # The library keeps int(width x (1 - ratio)) channels of each group (per head in attention) and rounds only
+    # down, so each layer that can lead a group gets the ratio that keeps kept_width (+ 0.5 against float error).
+    ratios = {}
+    for layer in model.modules():
+        width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        if width:
+            kept = kept_width(width, ratio, math.lcm(ROUND_TO, heads.get(layer, 1)))
+            ratios[layer] = 0.0 if kept >= width else 1 - (kept + 0.5) / width
     model.eval()  # tracing: no dropout
     pruner = torch_pruning.pruner.MetaPruner(model, example_inputs(cfg, 2),
                                              importance=torch_pruning.importance.TaylorImportance(),
-                                             pruning_ratio=ratio, ignored_layers=[model.out_conv], num_heads=heads,
-                                             round_to=ROUND_TO,
+                                             pruning_ratio=ratio, pruning_ratio_dict=ratios,
+                                             ignored_layers=[model.out_conv], num_heads=heads,
                                              customized_pruners={GroupNorm: _group_norm_pruner(torch_pruning)})
     model.train()
     model.zero_grad()

@@ -90,6 +90,21 @@ def test_pruning_removes_channels_group_by_group_and_keeps_what_goes_in_and_out(
     torch.testing.assert_close(outputs(rebuilt.eval(), cfg, y), outputs(pruned, cfg, y), rtol=0, atol=0)
 
 
+def test_each_layer_keeps_the_share_of_its_channels_the_ratio_asks_for_to_the_nearest_multiple_of_8():
+    assert [pruning.kept_width(32, r) for r in (0, 0.2, 0.3, 0.5, 0.9)] == [32, 24, 24, 16, 8]
+    assert pruning.kept_width(128, 0.3) == 88 and pruning.kept_width(64, 0.3, multiple=8) == 48
+    loaded = inference.load_model("tiny")
+    before = {name: tensor.shape[0] for name, tensor in loaded.model.state_dict().items()}
+    batches = [(torch.rand(4, 3, 16, 16) * 2 - 1, None)]
+    pruned = pruning.prune_unet(loaded.model, create_diffusion(loaded.cfg), batches, 0.3, loaded.cfg)
+    # The library alone would keep int(32 x 0.7) = 22 rounded down to 16, and per attention head, 8 of 64.
+    assert pruned.stem.weight.shape[0] == 24 and pruned.down[1].blocks[0].conv1.weight.shape[0] == 48
+    for name, layer in pruned.named_modules():
+        if isinstance(layer, unet.SelfAttention):
+            multiple = math.lcm(8, layer.num_heads)
+            assert layer.q.out_features == pruning.kept_width(before[f"{name}.q.weight"], 0.3, multiple), name
+
+
 @pytest.mark.parametrize("dead", [0, 1])
 def test_the_channels_that_do_not_change_the_loss_go_first(dead):
     # down.1.blocks.0's inner channels (conv1 -> norm2 -> conv2): 64, of which pruning half removes 32. Where conv2
