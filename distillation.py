@@ -43,9 +43,11 @@ def student_config(cfg, teacher_cfg, overrides):
     inherited = [*config.ARCHITECTURE_FIELDS, *(name for name in DATA_FIELDS if name not in overrides)]
     if teacher_cfg.teacher:  # the teacher is a student: its guidance is in its weights, and its students keep it
         if "distill_guidance" in overrides and cfg.distill_guidance != teacher_cfg.distill_guidance:
-            raise config.ConfigError(f"--distill-guidance {cfg.distill_guidance:g} differs from the guidance its "
-                                     f"teacher {cfg.teacher} was distilled at ({teacher_cfg.distill_guidance:g}), "
-                                     f"which is in that student's weights; a chain of rounds keeps one guidance scale")
+            raise config.ConfigError(f"--distill-guidance {cfg.distill_guidance:g}: the teacher {cfg.teacher} is a "
+                                     f"student distilled at guidance {teacher_cfg.distill_guidance:g}, which is in "
+                                     f"its weights; leave the flag out (its students keep "
+                                     f"{teacher_cfg.distill_guidance:g}), or distil the original model at "
+                                     f"{cfg.distill_guidance:g}")
         inherited.append("distill_guidance")
     return dataclasses.replace(cfg, **{name: getattr(teacher_cfg, name) for name in inherited})
 
@@ -107,7 +109,8 @@ class ProgressiveDistillation:
     def training_loss(self, model, x0, y=None, index=None, noise=None):
         """max(SNR_t, 1) ||x~ - x0_student(z_t, t)||^2, averaged over pixels and the batch, for x0 [B, C, H, W] and
         student steps `index` [B] drawn uniformly (or given), noise eps [B, C, H, W] (drawn when None); both from
-        torch's global RNG, as GaussianDiffusion.training_loss draws them."""
+        torch's global RNG, as GaussianDiffusion.training_loss draws them. Labels y are replaced by the null label
+        with probability cond_drop_prob, as in training, for teacher and student alike."""
         x0 = x0.float()
         if index is None:
             index = torch.randint(0, self.student_steps, (x0.shape[0],), device=x0.device)
@@ -118,7 +121,10 @@ class ProgressiveDistillation:
         alpha_bar = self.alpha_bar[t].to(x0.device)
         t = t.to(x0.device)
         z_t = self.diffusion.q_sample(x0, t, noise)
-        target = self.target(z_t, index, y)
+        if y is not None and self.diffusion.cond_drop_prob > 0:  # as in training: the null label keeps being learnt
+            drop = torch.rand(x0.shape[0], device=y.device) < self.diffusion.cond_drop_prob
+            y = torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.diffusion.null_condition(y), y)
+        target = self.target(z_t, index, y)  # for the null label, the guided teacher is its unconditional self
         _, x0_pred = self.diffusion.model_predictions(model, z_t, t, y)  # the student's x0, unclipped
         weight = (alpha_bar / (1 - alpha_bar)).clamp(min=1).float()  # truncated SNR: max(SNR_t, 1)
         return (weight * (target - x0_pred).pow(2).mean(dim=(1, 2, 3))).mean()

@@ -379,6 +379,11 @@ def resolve_run(preset, overrides, rank=0):
     config.check_same_model(cfg, overrides, saved, f"checkpoint {path}", "use another --run-name to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
+    fixed = [name for name in ("teacher", "student_steps", "distill_guidance") if name in changes]
+    if fixed and saved.teacher:
+        raise utils.UsageError(f"--{fixed[0].replace('_', '-')} {changes[fixed[0]]} differs from the "
+                               f"{getattr(saved, fixed[0])!r} that the distillation run {path} started with, and a "
+                               f"round keeps its teacher, steps and guidance; use another --run-name")
     planned = state.get("budget_steps")
     if changes.get("time_budget") and not saved.time_budget:
         raise utils.UsageError(f"{path} was trained without --time-budget, and a budget can only be set when a run "

@@ -151,7 +151,7 @@ def test_distill_refuses_impossible_rounds_in_one_sentence(flags, message, capsy
     assert exit.value.code != 0 and message in capsys.readouterr().err
 
 
-def test_a_guided_chain_guides_only_the_first_teacher(monkeypatch):
+def test_a_guided_chain_guides_only_the_first_teacher(monkeypatch, capsys):
     # A student distilled at guidance 3 has the guidance in its weights: as the next round's teacher its steps are
     # not guided again (guiding them would compound to a much larger scale), and its student keeps the scale.
     tiny_checkpoint("labelled", num_classes=4, seed=0)
@@ -167,8 +167,39 @@ def test_a_guided_chain_guides_only_the_first_teacher(monkeypatch):
     assert applied == [3.0, 1.0]
     assert weights("labelled-pd4")["config"]["distill_guidance"] == weights("labelled-pd2")["config"][
         "distill_guidance"] == 3.0
-    # A round from a guided student at another scale is refused: the chain stands for one guidance scale.
+    # A round from a guided student keeps its scale without the flag, and refuses another one.
+    flags = ["--preset", "demo", "--teacher", "checkpoints/labelled-pd4/last.pt", "--student-steps", "2",
+             "--max-steps", "1", *TRAIN_FLAGS]
+    train.main([*flags, "--run-name", "inherits"])
+    assert weights("inherits")["config"]["distill_guidance"] == 3.0 and applied[-1] == 1.0
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        train.main(["--preset", "demo", "--teacher", "checkpoints/labelled-pd4/last.pt", "--student-steps", "2",
-                    "--distill-guidance", "5", "--run-name", "other", "--max-steps", "1", *TRAIN_FLAGS])
-    assert exit.value.code != 0
+        train.main([*flags, "--run-name", "other", "--distill-guidance", "5"])
+    assert exit.value.code != 0 and "is a student distilled at guidance 3" in capsys.readouterr().err
+
+
+def test_labels_are_dropped_as_in_training_and_a_dropped_label_gets_the_unguided_target():
+    teacher, _ = tiny_teacher(num_classes=4)
+    cfg = config.get_config("demo", **{**TINY, "num_classes": 4, "cond_drop_prob": 0.0})
+    always, never = create_diffusion(cfg), create_diffusion(cfg)
+    always.cond_drop_prob = 1.0  # every label dropped (a config allows less than 1)
+    generator = torch.Generator().manual_seed(2)
+    x0, noise = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1, torch.randn(4, 3, 16, 16, generator=generator)
+    y, index = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+    dropped = ProgressiveDistillation(always, teacher, 4, 3.0).training_loss(teacher, x0, y, index, noise)
+    null = torch.full((4,), 4)  # the null label: guidance leaves the unconditional prediction as it is
+    unguided = ProgressiveDistillation(never, teacher, 4, 1.0).training_loss(teacher, x0, null, index, noise)
+    kept = ProgressiveDistillation(never, teacher, 4, 3.0).training_loss(teacher, x0, y, index, noise)
+    torch.testing.assert_close(dropped, unguided)
+    assert not torch.allclose(kept, dropped)
+
+
+def test_a_distillation_round_resumes_only_with_its_teacher_steps_and_guidance(capsys):
+    tiny_checkpoint("labelled", num_classes=4, seed=0)
+    flags = ["--preset", "demo", "--teacher", "checkpoints/labelled/last.pt", "--student-steps", "2",
+             "--distill-guidance", "3", "--run-name", "round", *TRAIN_FLAGS]
+    train.main([*flags, "--max-steps", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        train.main([*flags, "--max-steps", "2", "--distill-guidance", "5"])  # the last value of a flag counts
+    assert exit.value.code != 0 and "--distill-guidance 5.0 differs from the 3.0" in capsys.readouterr().err
