@@ -24,8 +24,8 @@ checkpoints hold the pruned layer shapes in their weights and load without the p
 
 Every compressed checkpoint is a run of its own (--output, default RUN-MODE or RUN-pruneR), written atomically;
 its file holds tensors and plain values only. At the end the script samples --compare-images images with the
-original model and with the new one from the same noise, and prints the file sizes, the mean difference of the
-images and their speed side by side. An int8 model runs on the CPU only.
+original model in float32 and with the new one (in int8, or under --amp) from the same noise, and prints the file
+sizes, the mean difference of the images and their speed side by side. An int8 model runs on the CPU only.
 """
 
 import argparse
@@ -306,7 +306,8 @@ def report(opts, loaded, path):
     labels = labels_for(loaded.cfg, 0, opts.compare_images)
     int8 = isinstance(compressed, quantization.Int8UNet)  # int8 runs in its own precision, whatever --amp says
     rows = []
-    for label, model, amp in (("original", loaded.model, amp_dtype),
+    # The original in float32: the images the compressed model is measured against (--amp applies to the other).
+    for label, model, amp in (("original", loaded.model, None),
                               ("compressed", compressed, None if int8 else amp_dtype)):
         model = inference.prepare_for_sampling(model, device, amp, opts.compile and label == "original")
         # An untimed network call first: it compiles a compiled model (the int8 one always is).
