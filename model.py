@@ -38,7 +38,12 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def __init__(self, channels):
-        super().__init__(math.gcd(channels, 32), channels, eps=1e-6)
+        super().__init__(self.groups_for(channels), channels, eps=1e-6)
+
+    @staticmethod
+    def groups_for(channels):
+        """The groups of a GroupNorm of `channels`: 32, or gcd(channels, 32) for a width 32 does not divide."""
+        return math.gcd(channels, 32)
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-2] * x.shape[-1] < 1024

@@ -7,9 +7,9 @@ Torch-Pruning (Fang et al. 2023, DepGraph) finds the groups of channels that mus
 and the skip path it is added to, the channels a decoder block concatenates from the encoder, a GroupNorm's groups
 and the attention heads (each head keeps the same channels; the number of heads stays). Every group loses `ratio` of
 its channels, the kept width rounded to the nearest multiple of 8 (kept_width; for attention, of 8 and the number
-of heads; 32 channels at ratio 0.3 keep 24), the least important ones, as Diff-Pruning (Fang et al. 2023) scores them: the first-order Taylor estimate |w x dL/dw|
-of the loss change, with the gradients of the diffusion training loss summed over `batches` (so over many
-timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
+of heads; 32 channels at ratio 0.3 keep 24), the least important ones, as Diff-Pruning (Fang et al. 2023) scores
+them: the first-order Taylor estimate |w x dL/dw| of the loss change, with the gradients of the diffusion training
+loss summed over `batches` (so over many timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
 keep their channels, so the pruned model takes and returns what the original does.
 
 A GroupNorm does not tie channels together: any of them can go, and the pruned layer has gcd(width, 32) groups
@@ -55,7 +55,7 @@ def _group_norm_pruner(torch_pruning):
     class FreeGroupNormPruner(torch_pruning.pruner.function.GroupNormPruner):
         def prune_out_channels(self, layer, idxs):
             layer = super().prune_out_channels(layer, idxs)
-            layer.num_groups = math.gcd(layer.num_channels, 32)
+            layer.num_groups = GroupNorm.groups_for(layer.num_channels)
             return layer
 
         prune_in_channels = prune_out_channels

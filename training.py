@@ -379,8 +379,10 @@ def resolve_run(preset, overrides, rank=0):
     config.check_same_model(cfg, overrides, saved, f"checkpoint {path}", "use another --run-name to train a new model")
     changes = {name: value for name, value in overrides.items()
                if name != "resume" and getattr(saved, name) != value}
+    if saved.teacher and Path(changes.get("teacher", saved.teacher)).resolve() == Path(saved.teacher).resolve():
+        changes.pop("teacher", None)  # the same file, typed another way
     fixed = [name for name in ("teacher", "student_steps", "distill_guidance") if name in changes]
-    if fixed and saved.teacher:
+    if fixed and (saved.teacher or changes.get("teacher")):  # a round, or a run that would become one mid-way
         raise utils.UsageError(f"--{fixed[0].replace('_', '-')} {changes[fixed[0]]} differs from the "
                                f"{getattr(saved, fixed[0])!r} that the distillation run {path} started with, and a "
                                f"round keeps its teacher, steps and guidance; use another --run-name")

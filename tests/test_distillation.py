@@ -203,3 +203,18 @@ def test_a_distillation_round_resumes_only_with_its_teacher_steps_and_guidance(c
     with pytest.raises(SystemExit) as exit:
         train.main([*flags, "--max-steps", "2", "--distill-guidance", "5"])  # the last value of a flag counts
     assert exit.value.code != 0 and "--distill-guidance 5.0 differs from the 3.0" in capsys.readouterr().err
+
+
+def test_a_resume_cannot_turn_a_run_into_a_distillation_and_keeps_a_teacher_typed_another_way(capsys):
+    # A plain run resumed with --teacher would become a student of it mid-way, from its own weights: refused.
+    flags = ["--preset", "demo", "--run-name", "plain", *TRAIN_FLAGS]
+    train.main([*flags, "--max-steps", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        train.main([*flags, "--max-steps", "2", "--teacher", "checkpoints/teacher/last.pt", "--student-steps", "2"])
+    assert exit.value.code != 0 and "--teacher checkpoints/teacher/last.pt differs" in capsys.readouterr().err
+    # A round resumed with its teacher's path written another way resumes.
+    round_flags = ["--preset", "demo", "--student-steps", "2", "--run-name", "round", *TRAIN_FLAGS]
+    train.main([*round_flags, "--teacher", "checkpoints/teacher/last.pt", "--max-steps", "1"])
+    train.main([*round_flags, "--teacher", str(Path("checkpoints/teacher/last.pt").resolve()), "--max-steps", "2"])
+    assert weights("round")["step"] == 2
