@@ -289,7 +289,7 @@ def save_samples(images, settings):
     stem = samples_stem(settings, len(images))
     path = utils.unique_path(utils.RESULTS_DIR / "images" / settings["run"] / f"{stem}.npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=images, settings=json.dumps(settings))
+    utils.write_atomically(path, lambda f: np.savez(f, arr_0=images, settings=json.dumps(settings)))
     return path
 
 

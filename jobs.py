@@ -7,15 +7,17 @@ are made, so that a stopped job goes on from where it stopped. What sample.py an
                                    # on_call) -> float (count, C, H, W) in [-1, 1], images start ... start + count - 1
     job.close()                    # on rank 0, once the output is written: the kept batches are deleted
 
-Image i is always in batch k = i // batch_size, whatever the number of processes: in round j, process r makes batch
-(first batch of the round) + r, and rank 0 gathers the round's batches and writes them to the job's folder. As every
-image draws its noise from its own seed (inference.image_generators), W processes make exactly the images, in the
-same order, that one process makes with the same flags; a test checks it bit for bit.
+Image i is always in batch k = i // batch_size, whatever the number of processes: the batches not yet made are
+shared out W at a time (a round), process r making the round's r-th, and rank 0 gathers the round's batches and
+writes them to the job's folder. As every image draws its noise from its own seed (inference.image_generators), W
+processes make exactly the images, in the same order, that one process makes with the same flags; a test checks it
+bit for bit.
 
-The folder holds settings.json (what made the images: the model's fingerprint, the sampler and its options, the
-seed, the batch size, the device type and precision) and batch_000000.npy, ... A job that finds its folder checks
-the settings and continues after the last batch written; with other settings it stops and says which differ, so
-that one output never mixes images of two settings. Jobs that fit in one round keep nothing on disk.
+The folder holds settings.json (what made the images: the model's fingerprint and diffusion, the sampler and its
+options, the seed, the batch size, the device and precision, the torch version) and batch_000000.npy, ... A job
+that finds its folder checks the settings and makes only the batches that are missing (a damaged one is deleted and
+made again); with other settings it stops and says which differ, so that one output never mixes images of two
+settings. Jobs that fit in one round keep nothing on disk.
 """
 
 import datetime
@@ -36,6 +38,7 @@ import config
 import inference
 import utils
 from config import UserError
+from samplers import SAMPLERS
 
 
 class JobStopped(UserError):
@@ -153,57 +156,71 @@ class SamplingJob:
         return min(last_batch * self.batch_size, self.num_images) - min(first_batch * self.batch_size, self.num_images)
 
     def open(self):
-        """On rank 0: the number of batches already made (0 for a new job), after checking the folder's settings."""
+        """On rank 0: the indices of the batches already made (none for a new job), after checking the folder's
+        settings. A kept batch that does not read back as this job's (a damaged file) is deleted, to be made again
+        with the other missing ones."""
         if not self.keeps_batches:
-            return 0
+            return []
         settings_path = self.folder / "settings.json"
         if not settings_path.exists():
             text = json.dumps(self.settings, indent=2) + "\n"
             self.write(settings_path, lambda f: f.write(text.encode()))
-            return 0
+            return []
         try:
             saved = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise UserError(f"{settings_path} cannot be read; delete the folder {self.folder} to start the job "
                             f"afresh") from None
-        done = 0
-        while self.batch_path(done).exists():
-            done += 1
         differ = sorted(key for key in {*saved, *self.settings} if saved.get(key) != self.settings.get(key))
         if differ:
+            batches = len(list(self.folder.glob("batch_*.npy")))
+            held = min(batches * saved.get("batch_size", 0), saved.get("num_samples", 0))  # in the saved batch size
             shown = ", ".join(f"{key} {saved.get(key)!r}, now {self.settings.get(key)!r}" for key in differ[:4])
-            held = min(done * saved.get("batch_size", 0), saved.get("num_samples", 0))  # in the saved batch size
-            raise UserError(f"{self.folder} holds {held} images of an unfinished job made with other "
-                            f"settings ({shown}); run with the same settings to finish it, or delete that folder to "
-                            f"start afresh (nothing was deleted)")
-        return done
+            raise UserError(f"{self.folder} holds {held} images of an unfinished job made with other settings "
+                            f"({shown}); run with the same settings to finish it, or delete that folder to start "
+                            f"afresh (nothing was deleted)")
+        made = []
+        for index in range(self.num_batches):
+            path = self.batch_path(index)
+            if not path.exists():
+                continue
+            if self.read_batch(index) is None:
+                print(f"{path} is damaged; it is made again")
+                path.unlink()
+            else:
+                made.append(index)
+        return made
 
     def run(self, make_batch):
         """Make the images that are not yet made; returns all num_images of them as uint8 (N, H, W, 3) on rank 0,
         None on the others. Raises JobStopped after the round in which SIGINT or SIGTERM came."""
-        done = on_first_process(self.open)
+        made = on_first_process(self.open)
         if dist.is_initialized():
-            shared = [done]
+            shared = [made]
             dist.broadcast_object_list(shared, src=0)
-            done = shared[0]
-        if done and self.rank == 0:
-            print(f"continuing the job in {self.folder}: {self.images_in(0, done):,} of {self.num_images:,} images "
-                  f"were made before")
+            made = shared[0]
+        todo = sorted(set(range(self.num_batches)) - set(made))
+        done_images = sum(self.images_in(index, index + 1) for index in made)
+        if made and self.rank == 0:
+            print(f"continuing the job in {self.folder}: {done_images:,} of {self.num_images:,} images were made "
+                  f"before")
         progress = None
         if self.rank == 0:
             # Whole images in the count, fractions of them in the bar: it moves at every network call.
-            progress = tqdm(total=self.num_images, initial=self.images_in(0, done), unit="img", dynamic_ncols=True,
+            progress = tqdm(total=self.num_images, initial=done_images, unit="img", dynamic_ncols=True,
                             desc=f"{self.world_size} process(es)", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                             "{n:.0f}/{total} images [{elapsed}<{remaining}, {rate_fmt}]")
         kept = {}  # batch index -> uint8 images, for jobs that keep nothing on disk
         stop = utils.StopRequest()
         try:
-            for first in range(done, self.num_batches, self.world_size):
-                last = min(first + self.world_size, self.num_batches)
-                if last == self.num_batches:
-                    stop.restore()  # the last round: nothing would be kept after it, so a signal acts at once
-                round_images = self.images_in(first, last)
-                batches = self.make_round(first, make_batch, progress, round_images)
+            for first in range(0, len(todo), self.world_size):
+                round_batches = todo[first:first + self.world_size]  # process r makes round_batches[r]
+                last_round = first + self.world_size >= len(todo)
+                if last_round:
+                    stop.restore()  # nothing would be kept after it, so a signal acts at once
+                round_images = sum(self.images_in(index, index + 1) for index in round_batches)
+                batches = self.make_round(round_batches, make_batch, progress, round_images)
+                done_images += round_images
                 failure = None
                 if self.rank == 0:
                     try:
@@ -214,7 +231,7 @@ class SamplingJob:
                                 kept[index] = images
                     except UserError as error:
                         failure = str(error)
-                    progress.n = self.images_in(0, last)
+                    progress.n = done_images
                     progress.refresh()
                 if dist.is_initialized():  # a write that failed on rank 0 stops every process, with its sentence
                     shared = [failure]
@@ -222,8 +239,8 @@ class SamplingJob:
                     failure = shared[0]
                 if failure is not None:
                     raise UserError(failure)
-                if last < self.num_batches and stop.requested(dist.is_initialized(), self.device):
-                    raise JobStopped(f"stopped by {stop.signal_name or 'a signal'}: {self.images_in(0, last):,} of "
+                if not last_round and stop.requested(dist.is_initialized(), self.device):
+                    raise JobStopped(f"stopped by {stop.signal_name or 'a signal'}: {done_images:,} of "
                                      f"{self.num_images:,} images are kept in {self.folder}; run the same command "
                                      f"again to go on from there")
         finally:
@@ -234,26 +251,32 @@ class SamplingJob:
             return None
         if not self.keeps_batches:
             return np.concatenate([kept[index] for index in range(self.num_batches)])
-        return np.concatenate([self.read_batch(index) for index in range(self.num_batches)])
+        parts = []
+        for index in range(self.num_batches):
+            images = self.read_batch(index)
+            if images is None:
+                raise UserError(f"{self.batch_path(index)} was damaged after it was written (expected uint8 images "
+                                f"of shape {(self.images_in(index, index + 1), *self.image_shape)}); run the same "
+                                f"command again, and the job makes that batch again")
+            parts.append(images)
+        return np.concatenate(parts)
 
     def read_batch(self, index):
-        """A kept batch, checked: uint8 (count, H, W, 3)."""
-        path = self.batch_path(index)
+        """A kept batch as uint8 (count, H, W, 3), or None if its file does not read back as one of this job's."""
         expected = (self.images_in(index, index + 1), *self.image_shape)
         try:
-            images = np.load(path)
-        except (OSError, ValueError):
-            images = None
-        if images is None or images.dtype != np.uint8 or images.shape != expected:
-            raise UserError(f"{path} is damaged or not this job's (expected uint8 images of shape {expected}); "
-                            f"delete it and run again, and the job makes that batch again")
+            images = np.load(self.batch_path(index))
+        except (OSError, ValueError, EOFError):
+            return None
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != expected:
+            return None
         return images
 
-    def make_round(self, first, make_batch, progress, round_images):
-        """Every process makes batch first + rank (if there is one); rank 0 gets them all: {index: uint8 images}."""
-        index = first + self.rank
-        start = index * self.batch_size
-        count = max(0, min(self.batch_size, self.num_images - start))
+    def make_round(self, round_batches, make_batch, progress, round_images):
+        """Process r makes batch round_batches[r] (if there is one); rank 0 gets them all: {index: uint8 images}."""
+        index = round_batches[self.rank] if self.rank < len(round_batches) else None
+        start = index * self.batch_size if index is not None else 0
+        count = self.images_in(index, index + 1) if index is not None else 0
 
         def on_call():
             if progress is not None:  # rank 0 counts the whole round's images, its own batch as the clock
@@ -272,12 +295,8 @@ class SamplingJob:
         dist.gather(padded, gathered, dst=0)
         if self.rank != 0:
             return {}
-        batches = {}
-        for rank, tensor in enumerate(gathered):
-            batch = first + rank
-            if batch < self.num_batches:
-                batches[batch] = tensor[:self.images_in(batch, batch + 1)].cpu().numpy()
-        return batches
+        return {batch: tensor[:self.images_in(batch, batch + 1)].cpu().numpy()
+                for batch, tensor in zip(round_batches, gathered)}
 
     def close(self):
         """Delete the kept batches (on rank 0, after the job's output is written)."""
@@ -298,18 +317,25 @@ def tensor_digest(tensor):
     return hashlib.sha1(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+# The config fields that change the images beyond the weights: the noise schedule and what the network predicts.
+DIFFUSION_FIELDS = ("timesteps", "beta_schedule", "objective", "image_size", "channels")
+
+
 def make_images(model, diffusion, cfg, opts, num_samples, *, image_dir, name, device, batch_size, amp_dtype=None,
                 labels=None, init_image=None, strength=1.0, keep_mask=None):
     """Sample images 0 ... num_samples - 1 as inference.generate does, as one job shared by the processes and kept in
     image_dir/unfinished/NAME_MODEL (MODEL: the start of the model's fingerprint) until close(): (uint8 (N, H, W, 3)
     on rank 0 and None on the others, the job)."""
     settings = dict(
-        model=fingerprint(model), sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
-        ddpm_variance=opts.ddpm_variance, spacing=opts.timestep_spacing, dynamic_threshold=opts.dynamic_threshold,
+        model=fingerprint(model), sampler=opts.sampler, steps=opts.steps, spacing=opts.timestep_spacing,
+        dynamic_threshold=opts.dynamic_threshold,
+        **{option: getattr(opts, option) for option in SAMPLERS[opts.sampler].options},  # eta, ddpm_variance, ...
         guidance=opts.guidance_scale, seed=opts.seed, num_samples=num_samples, batch_size=batch_size,
         device=device.type, compile=opts.compile, amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
         labels=tensor_digest(labels), init_image=tensor_digest(init_image),
-        strength=strength if init_image is not None else 1.0, mask=tensor_digest(keep_mask))
+        strength=strength if init_image is not None else 1.0, mask=tensor_digest(keep_mask),
+        diffusion={name: getattr(cfg, name) for name in DIFFUSION_FIELDS}, torch=torch.__version__,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     calls = inference.network_calls(diffusion, opts, init_image, strength)
     # Named after the output and the model, so that the jobs of two checkpoints never meet; the settings of one
     # model's job are checked when it goes on.

@@ -282,7 +282,7 @@ def save_samples(images, folder, stem, file_format, nrow, labels=None, header=No
         arrays = {"arr_0": utils.to_uint8(images)}  # (N, H, W, 3) uint8, as guided-diffusion's evaluator reads
         if labels is not None:
             arrays["arr_1"] = np.asarray(labels)
-        np.savez(path, **arrays)
+        utils.write_atomically(path, lambda f: np.savez(f, **arrays))  # a stop mid-write leaves no broken file
         return path
     path = utils.unique_path(folder / stem)
     path.mkdir(parents=True)

@@ -128,6 +128,13 @@ def test_a_job_with_other_settings_is_refused_and_keeps_its_batches(monkeypatch,
     err = capsys.readouterr().err
     assert f"{folder} holds 2 images of an unfinished job made with other settings (batch_size 2, now 3)" in err
     assert "delete that folder to start afresh (nothing was deleted)" in err
+    # The same flags after a torch upgrade (its kernels may round otherwise): refused too.
+    settings = json.loads((folder / "settings.json").read_text())
+    (folder / "settings.json").write_text(json.dumps({**settings, "torch": "2.0.0"}))
+    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
+    assert f"(torch '2.0.0', now '{torch.__version__}')" in capsys.readouterr().err
+    (folder / "settings.json").write_text(json.dumps(settings))
+    kept = sorted(folder.iterdir())
     # A retrained model is another model, even under the same name and flags: a job of its own, which leaves this
     # one alone.
     shutil.rmtree("checkpoints/uncond")
@@ -137,15 +144,21 @@ def test_a_job_with_other_settings_is_refused_and_keeps_its_batches(monkeypatch,
     assert list(UNFINISHED.iterdir()) == [folder]
 
 
-def test_a_damaged_batch_is_named_and_a_one_round_job_stops_at_once(monkeypatch, capsys):
+def test_a_damaged_batch_is_made_again_alone_and_a_one_round_job_stops_at_once(monkeypatch, capsys):
+    expected = single_process_npz()
     stop_after_batches(monkeypatch, 3)
     assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
-    monkeypatch.setattr(inference, "generate_batch", GENERATE_BATCH)
     [folder] = UNFINISHED.iterdir()
     (folder / "batch_000001.npy").write_bytes(b"not an array")
+    (folder / "batch_000002.npy").write_bytes(b"")  # as a full disk leaves it
     capsys.readouterr()
-    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 1
-    assert f"{folder / 'batch_000001.npy'} is damaged" in capsys.readouterr().err
+    made = stop_after_batches(monkeypatch, 0)
+    assert run_sample("--run-name", "uncond", "--format", "npz", *JOB) == 0
+    out = capsys.readouterr().out
+    assert f"{folder / 'batch_000001.npy'} is damaged; it is made again" in out
+    assert "2 of 7 images were made before" in out
+    assert made == [2, 4, 6]  # batches 1 and 2 again, and batch 3; batch 0 was kept
+    np.testing.assert_array_equal(npz_images(next(Path("results/images/uncond").glob("*.npz"))), expected)
     # A job of one batch keeps nothing, so Ctrl-C interrupts it at once rather than after the batch.
     stop_after_batches(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
@@ -177,9 +190,19 @@ def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypat
     np.testing.assert_array_equal(npz_images(next(Path("short").glob("*.npz"))),
                                   npz_images(next(Path("short-one").glob("*.npz"))))
 
-    # A whole job in two processes, straight through: the same images again.
-    result = torchrun(29562, REPO / "sample.py", "--run-name", "uncond", "--format", "npz", *JOB, "--out", "two")
+    # A whole job in two processes, straight through: the same images again, each process making its share (a
+    # launcher reports which process makes which batch).
+    launcher = Path("launch_sample.py")
+    launcher.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport inference, sample\n"
+                        f"make = inference.generate_batch\n"
+                        f"def reporting(*args, **kwargs):\n"
+                        f"    print('rank', os.environ['RANK'], 'makes', args[4], flush=True)\n"
+                        f"    return make(*args, **kwargs)\n"
+                        f"inference.generate_batch = reporting\nsample.main(sys.argv[1:])\n")
+    result = torchrun(29562, launcher, "--run-name", "uncond", "--format", "npz", *JOB, "--out", "two")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d makes \d", result.stdout)) == ["rank 0 makes 0", "rank 0 makes 4",
+                                                                      "rank 1 makes 2", "rank 1 makes 6"]
     assert "7/7 images" in result.stderr
     np.testing.assert_array_equal(npz_images(next(Path("two").glob("*.npz"))), expected)
 
