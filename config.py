@@ -21,6 +21,7 @@ DATASET_NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "shapes"
 DATASET_CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "shapes": 3}
 BETA_SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("eps", "x0", "v")
+NORM_GROUPS = ("divisor", "gcd")  # model.GroupNorm.groups_for
 LOSS_WEIGHTINGS = ("none", "min_snr")
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "none", "fp16", "bf16")
@@ -85,6 +86,10 @@ class Config:
     attn_resolutions: tuple = flag_field((16, 8), "feature-map sizes (in pixels) that get self-attention")
     num_heads: int = flag_field(8, "attention heads")
     dropout: float = flag_field(0.1, "dropout probability inside the residual blocks")
+    norm_groups: str = flag_field("divisor", "the groups of a GroupNorm whose width 32 does not divide (a pruned "
+                                             "layer): divisor (the most up to 32 that divide the width) or gcd "
+                                             "(gcd(width, 32), what checkpoints saved before this field have)",
+                                  NORM_GROUPS, flag=False)
 
     # --- text conditioning (text.py; cross-attention in model.py) ---
     text_encoder: str = flag_field("none", "condition on captions, through cross-attention at attn_resolutions and "
@@ -155,6 +160,10 @@ class Config:
     init_from: str = flag_field("", "start a new run from this checkpoint's EMA weights, in their layer shapes (a "
                                     "model pruned by compress.py prune), and its settings: flags given change them, "
                                     "but not the model; needs --run-name; empty = random initial weights")
+    distill_from: str = flag_field("", "learn the outputs of this checkpoint's EMA model instead of the data's "
+                                       "targets, at the same noisy images, timesteps and labels (knowledge "
+                                       "distillation; compress.py prune fine-tunes so from the original); empty = "
+                                       "the data's")
 
     def __post_init__(self):
         # JSON and argparse give lists; the config stores tuples so it stays hashable and comparable.
@@ -179,7 +188,7 @@ class Config:
 # checkpoint's values, and a flag that would change one of them is refused.
 ARCHITECTURE_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults",
                        "num_res_blocks", "attn_resolutions", "num_heads", "timesteps", "beta_schedule", "objective",
-                       "text_encoder", "text_model", "text_dim", "text_layers", "max_caption_length", "vocabulary")
+                       "norm_groups", "text_encoder", "text_model", "text_dim", "text_layers", "max_caption_length", "vocabulary")
 
 
 def check_same_model(cfg, overrides, saved, source, advice):
@@ -217,6 +226,8 @@ def validate(cfg):
     _check(cfg.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {cfg.dataset!r}")
     _check(cfg.beta_schedule in BETA_SCHEDULES,
            f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, not {cfg.beta_schedule!r}")
+    _check(cfg.norm_groups in NORM_GROUPS, f"norm_groups must be one of {', '.join(NORM_GROUPS)}, not "
+                                           f"{cfg.norm_groups!r}")
     _check(cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     _check(cfg.loss_weighting in LOSS_WEIGHTINGS,
            f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, not {cfg.loss_weighting!r}")
@@ -253,6 +264,8 @@ def validate(cfg):
         _check(not cfg.teacher, "a run starts from either --init-from or --teacher (a student starts as its "
                                 "teacher), not both")
         _check(bool(cfg.run_name), "a run started --init-from a checkpoint needs its own --run-name")
+    _check(not (cfg.distill_from and cfg.teacher), "a run learns from either --teacher (progressive distillation) "
+                                                   "or --distill-from (the teacher's outputs), not both")
     _check(cfg.distill_guidance >= 0, f"distill_guidance must be 0 or more, got {cfg.distill_guidance}")
     if cfg.captioned:
         _check(cfg.num_classes == 0, "a model is conditioned on class labels (num_classes) or on captions "
@@ -389,8 +402,9 @@ def config_from_dict(values):
         raise ConfigError(f"the saved config has field(s) this version does not know: {', '.join(unknown)}")
     preset = values.get("preset", "cifar10")
     base = asdict(get_config(preset)) if preset in PRESETS else {}
-    # A run saved before time budgets or the power-function EMA existed had neither, whatever its preset has today.
-    return Config(**{**base, "time_budget": "", "ema_gamma": 0.0, **values})
+    # A run saved before time budgets, the power-function EMA or norm_groups existed had neither, and grouped a
+    # pruned GroupNorm by gcd, whatever its preset has today.
+    return Config(**{**base, "time_budget": "", "ema_gamma": 0.0, "norm_groups": "gcd", **values})
 
 
 def save_config(cfg, path):

@@ -268,16 +268,18 @@ class GaussianDiffusion:
 
     # --- training ---------------------------------------------------------------------------------------------
 
-    def training_loss(self, model, x0, y=None, t=None, noise=None):
+    def training_loss(self, model, x0, y=None, t=None, noise=None, teacher=None):
         """The denoising loss of a batch x0 [B, C, H, W] (DDPM Alg. 1; Eq. 14 for eps), a float32 scalar:
 
             t ~ Uniform{0, ..., T-1},  noise ~ N(0, I),  x_t = q_sample(x0, t, noise),
             loss = mean over b of  w_t * mean over pixels of (model(x_t, t) - target)^2,
         target = noise (eps), x0 (x0) or get_v(x0, t, noise) (v); w_t = 1, or min_snr_weights with "min_snr".
         Labels y [B] (or captions [B, L]) are each replaced by the null condition with probability cond_drop_prob,
-        so the model also learns
-        the unconditional prediction that guidance needs. t and noise come from torch's global RNG on x0's device
-        unless given.
+        so the model also learns the unconditional prediction that guidance needs. t and noise come from torch's
+        global RNG on x0's device unless given.
+
+        teacher: a frozen model of the same objective whose output teacher(x_t, t, y) is the target instead, with
+        the same x_t, t and (dropped) labels: knowledge distillation (distillation.OutputDistillation).
         """
         x0 = x0.float()
         batch_size = x0.shape[0]
@@ -296,7 +298,10 @@ class GaussianDiffusion:
                 y = torch.where(drop.view(-1, *[1] * (y.ndim - 1)), self.null_condition(y), y)
             output = model(x_t, t, y)
 
-        if self.objective == "eps":
+        if teacher is not None:
+            with torch.no_grad():
+                target = (teacher(x_t, t) if y is None else teacher(x_t, t, y)).float()
+        elif self.objective == "eps":
             target = noise
         elif self.objective == "x0":
             target = x0

@@ -1,7 +1,10 @@
-"""Progressive distillation (Salimans & Ho 2022): a student whose one DDIM step does what two of its teacher's do.
+"""Distillation: a student that learns from a frozen teacher instead of from the data's targets.
 
     objective = ProgressiveDistillation(diffusion, teacher, student_steps=8)   # teacher: a frozen model
     loss = objective.training_loss(student, x0, y)   # what train.py's step calls in place of the diffusion loss
+    objective = OutputDistillation(diffusion, teacher)   # the teacher's output at every timestep (--distill-from)
+
+Progressive distillation (Salimans & Ho 2022) makes a student whose one DDIM step does what two of its teacher's do.
 
 A round distills a teacher sampled with 2N DDIM steps into a student of N steps; the student then teaches the next
 round (distill.py runs the rounds, each a train.py run). The student's grid is every other timestep of the teacher's
@@ -128,3 +131,37 @@ class ProgressiveDistillation:
         _, x0_pred = self.diffusion.model_predictions(model, z_t, t, y)  # the student's x0, unclipped
         weight = (alpha_bar / (1 - alpha_bar)).clamp(min=1).float()  # truncated SNR: max(SNR_t, 1)
         return (weight * (target - x0_pred).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+class OutputDistillation:
+    """Knowledge distillation of a smaller network (Hinton et al. 2015), as a pruned U-Net is fine-tuned from its
+    original (train.py --distill-from): GaussianDiffusion.training_loss, with the frozen teacher's output at the same
+    x_t, timestep and (dropped) label as the target in place of the data's eps, x0 or v. The teacher's prediction is
+    the data's target averaged over the images that could have given x_t, so it varies far less from one draw to the
+    next, and the student recovers in fewer steps (README, Compression, has the measurements). The rest of
+    `diffusion` passes through, as for ProgressiveDistillation."""
+
+    def __init__(self, diffusion, teacher):
+        self.diffusion = diffusion
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def __getattr__(self, name):
+        return getattr(self.diffusion, name)
+
+    def training_loss(self, model, x0, y=None, t=None, noise=None):
+        return self.diffusion.training_loss(model, x0, y, t, noise, teacher=self.teacher)
+
+
+MATCHED_FIELDS = ("image_size", "channels", "num_classes", "timesteps", "beta_schedule", "objective", "text_encoder",
+                  "text_model", "text_dim", "text_layers", "max_caption_length", "vocabulary")
+
+
+def check_output_teacher(cfg, teacher_cfg):
+    """Raise ConfigError unless the --distill-from model `teacher_cfg` predicts what the run `cfg` learns: the same
+    images, conditions, noise schedule and objective (its widths may differ)."""
+    differ = [name for name in MATCHED_FIELDS if getattr(cfg, name) != getattr(teacher_cfg, name)]
+    if differ:
+        name = differ[0]
+        raise config.ConfigError(f"--distill-from {cfg.distill_from} has {name} {getattr(teacher_cfg, name)!r} and "
+                                 f"this run {getattr(cfg, name)!r}: a model learns the outputs of one with its "
+                                 f"images, conditions, schedule and objective")

@@ -30,20 +30,25 @@ import text
 
 class GroupNorm(nn.GroupNorm):
     """GroupNorm with 32 groups and eps 1e-6, as in DDPM. A width that 32 does not divide (a layer of a pruned model:
-    compress.py prune keeps widths a multiple of 8) has gcd(width, 32) groups: 8 or 16.
+    compress.py prune keeps widths a multiple of 8) gets the groups of `norm_groups` (groups_for).
 
     On a CPU, a bf16/fp16 channels-last input smaller than 32x32 is normalised in float32: PyTorch's kernel takes a
     slow path for those (it parallelises over batch x groups), several times slower than in float32. The result is
     rounded back to the input's dtype. (What it gains: README, Speed notes.)
     """
 
-    def __init__(self, channels):
-        super().__init__(self.groups_for(channels), channels, eps=1e-6)
+    def __init__(self, channels, norm_groups="divisor"):
+        super().__init__(self.groups_for(channels, norm_groups), channels, eps=1e-6)
 
     @staticmethod
-    def groups_for(channels):
-        """The groups of a GroupNorm of `channels`: 32, or gcd(channels, 32) for a width 32 does not divide."""
-        return math.gcd(channels, 32)
+    def groups_for(channels, norm_groups="divisor"):
+        """The groups of a GroupNorm of `channels`: 32 where 32 divides it; otherwise, for norm_groups "divisor",
+        the most groups up to 32 that divide it, so that a layer pruned from 32 or 64 channels keeps its 1 or 2
+        channels a group (24 -> 24 groups, 40 -> 20), and for "gcd", gcd(channels, 32) (24 -> 8, 40 -> 8), what
+        pruned checkpoints of earlier versions have (config.Config.norm_groups)."""
+        if norm_groups == "gcd":
+            return math.gcd(channels, 32)
+        return max(groups for groups in range(1, 33) if channels % groups == 0)
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-2] * x.shape[-1] < 1024
@@ -394,9 +399,14 @@ def fit_layers(model, weights):
 
 def create_model(cfg, weights=None):
     """The U-Net described by the model fields of a Config; with `weights` (a state dict), in their layer shapes
-    (fit_layers), for a pruned model's checkpoint."""
+    (fit_layers), for a pruned model's checkpoint; its GroupNorms grouped by cfg.norm_groups."""
     model = UNet(image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes,
                  base_channels=cfg.base_channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks,
                  attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
                  text_encoder=text.create_text_encoder(cfg))
-    return model if weights is None else fit_layers(model, weights)
+    if weights is not None:
+        fit_layers(model, weights)
+    for layer in model.modules():  # the config's rule for widths 32 does not divide (a pruned or a narrow model)
+        if isinstance(layer, GroupNorm):
+            layer.num_groups = GroupNorm.groups_for(layer.num_channels, cfg.norm_groups)
+    return model

@@ -12,11 +12,12 @@ them: the first-order Taylor estimate |w x dL/dw| of the loss change, with the g
 loss summed over `batches` (so over many timesteps). The layers that see the image (the stem's input, the output convolution) and the timestep's sinusoid
 keep their channels, so the pruned model takes and returns what the original does.
 
-A GroupNorm does not tie channels together: any of them can go, and the pruned layer has gcd(width, 32) groups
-(model.GroupNorm), so the 32-channel layers of a small U-Net (one channel per group) can shrink too. Where each
-group held one channel and stays one channel (32 channels pruned to 8 or 16), the channels that stay are normalised
-exactly as before; otherwise the regrouped channels are normalised over other partners, which the fine-tuning
-repairs.
+A GroupNorm does not tie channels together: any of them can go, and the pruned layer has the most groups up to 32
+that divide its width (model.GroupNorm.groups_for, norm_groups "divisor"), so the 32-channel layers of a small U-Net
+(one channel per group) can shrink too and keep one channel a group: the channels that stay are normalised exactly
+as before. A 64-channel layer (two a group) pruned to 40 keeps two a group, some with new partners, which the
+fine-tuning repairs. (Grouping by gcd(width, 32) instead, as the first version did, put 24 channels in threes and 40
+in fives: the pruned demo then needed many more steps to recover; README, Compression.)
 
 The result is an ordinary UNet whose layers have fewer channels: its state dict is all a checkpoint needs, and
 model.create_model(cfg, weights) rebuilds it without this library (model.fit_layers). Imports torch_pruning.

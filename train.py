@@ -31,7 +31,7 @@ import training
 import utils
 from dataset import build_dataset, mirror_caption
 from diffusion import create_diffusion
-from distillation import ProgressiveDistillation
+from distillation import OutputDistillation, ProgressiveDistillation
 from training import (EpochSampler, TimeBudget, TrainingState, infinite_batches, random_flip, resolve_run,
                       time_serialisation, train_step)
 from utils import StopRequest, any_process, setup_distributed
@@ -82,12 +82,13 @@ def setup(argv):
     return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state, init_state
 
 
-def teacher_model(cfg, teacher_state, device):
-    """The frozen EMA model of the --teacher checkpoint, on `device` in the run's memory format."""
+def teacher_model(cfg, teacher_state, device, path=None):
+    """The frozen EMA model of the --teacher checkpoint (or the one at `path`: --distill-from), on `device` in the
+    run's memory format."""
     # Building the network initialises weights (then replaced) from the global RNG: on a side copy of it, or a
     # resumed run would draw other noise than the run it continues.
     with torch.random.fork_rng(devices=[]):
-        model, _ = inference.load_model_from_checkpoint(Path(cfg.teacher), teacher_state, use_ema=True)
+        model, _ = inference.load_model_from_checkpoint(Path(path or cfg.teacher), teacher_state, use_ema=True)
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
 
 
@@ -408,6 +409,14 @@ def main(argv=None):
             state.ema_model.load_state_dict(teacher_state["ema"])
         guidance = distillation.teacher_guidance(cfg, config.config_from_dict(teacher_state["config"]))
         diffusion = ProgressiveDistillation(diffusion, teacher, cfg.student_steps, guidance)
+    if cfg.distill_from:  # knowledge distillation: the outputs of a frozen model are the targets
+        try:
+            source = utils.load_checkpoint(cfg.distill_from)
+            distillation.check_output_teacher(cfg, config.config_from_dict(source["config"]))
+            teacher = teacher_model(cfg, source, device, cfg.distill_from)
+        except config.UserError as error:
+            config.fail(error)
+        diffusion = OutputDistillation(diffusion, teacher)
     state.prepare(device, cfg.channels_last, distributed, local_rank, cfg.compile)
     # Without a budget it only counts the training time, which checkpoints keep.
     budget = TimeBudget(config.parse_duration(cfg.time_budget) if cfg.time_budget else math.inf,

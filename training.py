@@ -386,6 +386,12 @@ def resolve_run(preset, overrides, rank=0):
         raise utils.UsageError(f"--{fixed[0].replace('_', '-')} {changes[fixed[0]]} differs from the "
                                f"{getattr(saved, fixed[0])!r} that the distillation run {path} started with, and a "
                                f"round keeps its teacher, steps and guidance; use another --run-name")
+    if "distill_from" in changes and Path(changes["distill_from"] or ".").resolve() != \
+            Path(saved.distill_from or ".").resolve():
+        raise utils.UsageError(f"--distill-from {changes['distill_from']!r} differs from the "
+                               f"{saved.distill_from!r} that the run {path} started with, and a run keeps what it "
+                               f"learns from; use another --run-name")
+    changes.pop("distill_from", None)  # the same file, typed another way
     planned = state.get("budget_steps")
     if changes.get("time_budget") and not saved.time_budget:
         raise utils.UsageError(f"{path} was trained without --time-budget, and a budget can only be set when a run "

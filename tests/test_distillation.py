@@ -18,7 +18,7 @@ import train
 import utils
 from conftest import TINY, randomise_zero_layers_, tiny_checkpoint
 from diffusion import create_diffusion
-from distillation import ProgressiveDistillation
+from distillation import OutputDistillation, ProgressiveDistillation
 from model import create_model
 
 TRAIN_FLAGS = ["--batch-size", "4", "--num-workers", "0", "--sample-every", "0", "--device", "cpu"]
@@ -218,3 +218,60 @@ def test_a_resume_cannot_turn_a_run_into_a_distillation_and_keeps_a_teacher_type
     train.main([*round_flags, "--teacher", "checkpoints/teacher/last.pt", "--max-steps", "1"])
     train.main([*round_flags, "--teacher", str(Path("checkpoints/teacher/last.pt").resolve()), "--max-steps", "2"])
     assert weights("round")["step"] == 2
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_output_distillation_learns_the_teachers_prediction_at_the_same_draws(num_classes):
+    teacher, diffusion = tiny_teacher("v", num_classes)
+    student, _ = tiny_teacher("v", num_classes)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    objective = OutputDistillation(diffusion, teacher)
+    x0 = torch.rand(6, 3, 16, 16) * 2 - 1
+    y = torch.arange(6) % 4 if num_classes else None
+    t = torch.tensor([0, 3, 7, 11, 15, 19])
+    noise = torch.randn(6, 3, 16, 16)
+    assert objective.training_loss(teacher, x0, y, t, noise).item() == 0  # the teacher itself: nothing to learn
+    torch.manual_seed(5)  # the same label dropout in both
+    loss = objective.training_loss(student, x0, y, t, noise)
+    # By hand: the min-SNR weight times the squared difference of the two outputs at the same x_t and labels.
+    torch.manual_seed(5)
+    if num_classes:
+        drop = torch.rand(6) < diffusion.cond_drop_prob
+        y = torch.where(drop, torch.full_like(y, num_classes), y)
+    x_t = diffusion.q_sample(x0, t, noise)
+    with torch.no_grad():
+        args = (x_t, t) if y is None else (x_t, t, y)
+        mse = (student(*args) - teacher(*args)).pow(2).mean(dim=(1, 2, 3))
+    weights = diffusion.loss_weights[t]
+    torch.testing.assert_close(loss, (weights * mse).mean())
+    assert loss.item() > 0
+    assert objective.num_timesteps == diffusion.num_timesteps  # the rest passes through
+
+
+def test_distill_from_trains_on_the_teachers_outputs_and_keeps_them_on_resume(capsys):
+    tiny_checkpoint("student", 0, seed=1)  # the teacher's architecture and settings, other weights
+    flags = [*TRAIN_FLAGS, "--init-from", "checkpoints/student/last.pt", "--distill-from",
+             "checkpoints/teacher/last.pt", "--lr-schedule", "constant"]
+    train.main([*flags, "--run-name", "straight", "--max-steps", "2"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "1"])
+    train.main([*flags, "--run-name", "stopped", "--max-steps", "2"])
+    straight = utils.load_checkpoint("checkpoints/straight/last.pt")
+    resumed = utils.load_checkpoint("checkpoints/stopped/last.pt")
+    assert straight["config"]["distill_from"] == "checkpoints/teacher/last.pt"
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    capsys.readouterr()
+    for extra, message in ((["--distill-from", "checkpoints/straight/last.pt"], "a run keeps what it learns from"),
+                           (["--distill-from", ""], "a run keeps what it learns from")):
+        with pytest.raises(SystemExit):
+            train.main([*TRAIN_FLAGS, "--init-from", "checkpoints/student/last.pt", "--run-name", "stopped",
+                        "--max-steps", "3", *extra])
+        assert message in capsys.readouterr().err
+    tiny_checkpoint("eps", 0, seed=1, objective="eps")
+    with pytest.raises(SystemExit):
+        train.main([*TRAIN_FLAGS, "--init-from", "checkpoints/student/last.pt", "--run-name", "other",
+                    "--max-steps", "1", "--distill-from", "checkpoints/eps/last.pt"])
+    err = capsys.readouterr().err
+    assert "has objective 'eps' and this run 'v'" in err and "Traceback" not in err

@@ -80,7 +80,7 @@ def test_pruning_removes_channels_group_by_group_and_keeps_what_goes_in_and_out(
     for layer in pruned.modules():
         if isinstance(layer, unet.GroupNorm):
             width = layer.weight.numel()  # widths stay multiples of 8, each with the groups GroupNorm gives it
-            assert width % 8 == 0 and layer.num_groups == math.gcd(width, 32) >= 8
+            assert width % 8 == 0 and layer.num_groups == unet.GroupNorm.groups_for(width) >= 8
         if isinstance(layer, unet.SelfAttention):
             assert layer.q.out_features % layer.num_heads == 0
     if num_classes:
@@ -180,8 +180,15 @@ def test_prune_fine_tunes_for_a_tenth_of_the_steps_and_reuses_its_work_when_run_
     assert path == utils.CHECKPOINT_DIR / "tiny-prune0.5" / "last.pt"
     fine_tuned = utils.load_checkpoint(path)
     assert fine_tuned["step"] == 4  # 10% of the 40 steps the tiny run was trained
-    assert fine_tuned["config"]["lr"] == inference.load_model("tiny").cfg.lr  # the original's, by default
+    original = inference.load_model("tiny")
+    assert fine_tuned["config"]["lr"] == pytest.approx(3 * original.cfg.lr)  # 3 times the original's, by default
     assert fine_tuned["config"]["warmup_steps"] == 1
+    assert fine_tuned["config"]["norm_groups"] == "divisor"
+    # It learnt the original's outputs, from a copy of its weights beside pruned.pt.
+    teacher = path.parent / "original.pt"
+    assert fine_tuned["config"]["distill_from"] == str(teacher)
+    for name, tensor in original.model.state_dict().items():
+        assert torch.equal(utils.load_checkpoint(teacher)["ema"][name], tensor), name
     capsys.readouterr()
     compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
     out = capsys.readouterr().out
@@ -277,3 +284,28 @@ def test_quantize_and_benchmark_take_a_pruned_model_as_it_is(capsys):
 def test_prune_refuses_impossible_options(flags, message):
     with pytest.raises(utils.UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
         prune(*flags)
+
+
+def test_prune_can_fine_tune_on_the_data_instead():
+    path, _ = prune("--ratio", "0.5", "--finetune-steps", "1", "--finetune-loss", "data", "--lr", "1e-4")
+    fine_tuned = utils.load_checkpoint(path)
+    assert fine_tuned["config"]["distill_from"] == "" and fine_tuned["config"]["lr"] == 1e-4
+    assert not (path.parent / "original.pt").exists()
+
+
+def test_a_pruned_groupnorm_keeps_its_channels_per_group_and_old_checkpoints_keep_theirs():
+    # The most groups up to 32 that divide the width; gcd(width, 32) for checkpoints saved before norm_groups.
+    widths = [8, 24, 32, 40, 48, 56, 64, 80, 128, 168]
+    assert [unet.GroupNorm.groups_for(width) for width in widths] == [8, 24, 32, 20, 24, 28, 32, 20, 32, 28]
+    assert [unet.GroupNorm.groups_for(width, "gcd") for width in widths] == [8, 8, 32, 8, 16, 8, 32, 16, 32, 8]
+    path, pruned = prune("--ratio", "0.3")
+    assert pruned["config"]["norm_groups"] == "divisor"
+    model = inference.load_model(checkpoint=str(path)).model
+    groups = {layer.num_channels: layer.num_groups for layer in model.modules() if isinstance(layer, unet.GroupNorm)}
+    assert groups[24] == 24  # the tiny U-Net's 32-channel layers, one channel a group, pruned to 24
+    # The same file as the first version wrote it, without the field: grouped by gcd, as it was trained.
+    del pruned["config"]["norm_groups"]
+    utils.save_checkpoint(pruned, "old.pt")
+    model = inference.load_model(checkpoint="old.pt").model
+    groups = {layer.num_channels: layer.num_groups for layer in model.modules() if isinstance(layer, unet.GroupNorm)}
+    assert groups[24] == 8 and all(count == math.gcd(width, 32) for width, count in groups.items())
