@@ -49,6 +49,7 @@ import utils
 from config import flag_field
 from dataset import build_dataset
 from diffusion import create_diffusion
+from model import GroupNorm
 
 ACTIONS = ("quantize", "prune")
 FINETUNE_LOSSES = ("distill", "data")
@@ -116,7 +117,7 @@ def check_options(opts):
         raise utils.UsageError(f"--finetune-loss must be one of {', '.join(FINETUNE_LOSSES)}, got "
                                f"{opts.finetune_loss!r}")
     if opts.lr < 0:
-        raise utils.UsageError(f"--lr must be 0 (the original run's) or positive, got {opts.lr}")
+        raise utils.UsageError(f"--lr must be 0 ({LR_FACTOR} times the original run's) or positive, got {opts.lr}")
 
 
 def output_run(opts, loaded, suffix):
@@ -258,6 +259,10 @@ def prune(opts):
     if loaded.cfg.teacher:
         raise utils.UsageError(f"{loaded.source} is a distilled student, which learns from its teacher, not from "
                                f"the data; prune its teacher and distil again")
+    if loaded.cfg.norm_groups == "gcd" and any(layer.num_channels % 32 for layer in loaded.model.modules()
+                                               if isinstance(layer, GroupNorm)):
+        raise utils.UsageError(f"{loaded.source} was pruned by an earlier version, whose GroupNorms are grouped "
+                               f"otherwise; prune the run it was made from")
     if opts.finetune_steps == -1 and not loaded.step:
         raise utils.UsageError(f"{loaded.source} does not say how many steps it was trained, so 10% of them is "
                                f"unknown; give --finetune-steps N")
@@ -296,16 +301,24 @@ def prune(opts):
         return path
     if utils.finished_step(name) < steps:
         lr = opts.lr or LR_FACTOR * loaded.cfg.lr
-        distill = []
+        distill = ["--distill-from", ""]
+        _, started = utils.load_latest_checkpoint(run_dir)
+        if started is not None:  # a stopped fine-tuning goes on as it started
+            loss = "distill" if started["config"].get("distill_from") else "data"
+            if loss != opts.finetune_loss:
+                raise utils.UsageError(f"{run_dir} holds a fine-tuning started with --finetune-loss {loss}, which "
+                                       f"it keeps; run with --finetune-loss {loss} to finish it, or choose another "
+                                       f"--output")
+            lr = started["config"]["lr"]
         if opts.finetune_loss == "distill":  # the original, beside the pruned model: the teacher of the fine-tuning
             original = run_dir / "original.pt"
             if not original.exists():
                 weights = loaded.model.float().state_dict()
                 utils.save_checkpoint({"model": weights, "ema": weights, "config": config.config_to_dict(loaded.cfg),
                                        "step": loaded.step}, original)
-            distill = ["--distill-from", str(original)]
+            distill = ["--distill-from", str(original)]  # (its lr stays what it started with, if resumed)
         print(f"fine-tuning {path} for {steps} steps at lr {lr:g} as run {name}, learning "
-              f"{'the outputs of ' + str(distill[1]) if distill else 'from the data'}")
+              f"{'the outputs of ' + distill[1] if distill[1] else 'from the data'}")
         train.main(["--init-from", str(path), "--run-name", name, "--max-steps", str(steps),
                     "--warmup-steps", str(max(1, steps // 10)), "--lr", str(lr), *distill])
         if utils.finished_step(name) < steps:  # stopped by a signal: train.py saved and said so

@@ -156,9 +156,16 @@ MATCHED_FIELDS = ("image_size", "channels", "num_classes", "timesteps", "beta_sc
                   "text_model", "text_dim", "text_layers", "max_caption_length", "vocabulary")
 
 
-def check_output_teacher(cfg, teacher_cfg):
-    """Raise ConfigError unless the --distill-from model `teacher_cfg` predicts what the run `cfg` learns: the same
-    images, conditions, noise schedule and objective (its widths may differ)."""
+def check_output_teacher(cfg, teacher_state):
+    """Raise ConfigError unless the --distill-from checkpoint `teacher_state` predicts what the run `cfg` learns: a
+    float model (not compressed, not a few-step student) of the same images, conditions, noise schedule and
+    objective (its widths may differ)."""
+    if "compression" in teacher_state:
+        raise config.ConfigError(f"--distill-from {cfg.distill_from} is compressed; distil from a float checkpoint")
+    teacher_cfg = config.config_from_dict(teacher_state["config"])
+    if teacher_cfg.teacher:
+        raise config.ConfigError(f"--distill-from {cfg.distill_from} is a few-step student, trained only at its own "
+                                 f"timesteps; distil from the model it was distilled from")
     differ = [name for name in MATCHED_FIELDS if getattr(cfg, name) != getattr(teacher_cfg, name)]
     if differ:
         name = differ[0]

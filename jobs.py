@@ -176,6 +176,10 @@ class SamplingJob:
             batches = len(list(self.folder.glob("batch_*.npy")))
             held = min(batches * saved.get("batch_size", 0), saved.get("num_samples", 0))  # in the saved batch size
             shown = ", ".join(f"{key} {saved.get(key)!r}, now {self.settings.get(key)!r}" for key in differ[:4])
+            if any(key not in saved for key in differ):
+                raise UserError(f"{self.folder} holds {held} images of an unfinished job made by an earlier version, "
+                                f"which kept fewer settings ({shown}), so it cannot be finished safely; delete that "
+                                f"folder to start afresh (nothing was deleted)")
             raise UserError(f"{self.folder} holds {held} images of an unfinished job made with other settings "
                             f"({shown}); run with the same settings to finish it, or delete that folder to start "
                             f"afresh (nothing was deleted)")

@@ -373,8 +373,9 @@ def fit_layers(model, weights):
     `weights` has another shape, so that `weights` loads; returns the model.
 
     A pruned U-Net (compress.py prune) is the config's U-Net with fewer channels in some layers and the same
-    connections: its checkpoint holds the layer shapes, and this rebuilds them, with no pruning library. A
-    GroupNorm's groups follow from its width (GroupNorm); attention keeps its heads, each with fewer channels. The
+    connections: its checkpoint holds the layer shapes, and this rebuilds them, with no pruning library. A rebuilt
+    GroupNorm gets the default groups of its width (create_model then applies the config's norm_groups); attention
+    keeps its heads, each with fewer channels. The
     rebuilt layers are freshly initialised: load the weights next."""
     for name, layer in list(model.named_modules()):
         weight = getattr(layer, "weight", None)

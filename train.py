@@ -412,7 +412,7 @@ def main(argv=None):
     if cfg.distill_from:  # knowledge distillation: the outputs of a frozen model are the targets
         try:
             source = utils.load_checkpoint(cfg.distill_from)
-            distillation.check_output_teacher(cfg, config.config_from_dict(source["config"]))
+            distillation.check_output_teacher(cfg, source)
             teacher = teacher_model(cfg, source, device, cfg.distill_from)
         except config.UserError as error:
             config.fail(error)

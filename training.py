@@ -428,7 +428,8 @@ def fine_tune_config(cfg, source_cfg, overrides):
     would change the model raises ConfigError; a length (--max-steps, --epochs) replaces the other length and a
     time budget, as it does a preset's."""
     config.check_same_model(cfg, overrides, source_cfg, cfg.init_from, "fine-tuning keeps the model")
-    own = {name: getattr(cfg, name) for name in (*overrides, "run_name", "resume", "init_from")}
+    # What the source learnt from (--distill-from) is not inherited: this run learns from the data unless told.
+    own = {name: getattr(cfg, name) for name in (*overrides, "run_name", "resume", "init_from", "distill_from")}
     if "max_steps" in overrides or "epochs" in overrides:
         own.setdefault("time_budget", "")
         own.setdefault("epochs" if "max_steps" in overrides else "max_steps", 0)

@@ -189,6 +189,12 @@ def test_prune_fine_tunes_for_a_tenth_of_the_steps_and_reuses_its_work_when_run_
     assert fine_tuned["config"]["distill_from"] == str(teacher)
     for name, tensor in original.model.state_dict().items():
         assert torch.equal(utils.load_checkpoint(teacher)["ema"][name], tensor), name
+    # A run started from the fine-tuned model learns from the data unless told: its teacher is not inherited.
+    train.main(["--init-from", str(path), "--run-name", "more", "--max-steps", "1", *TRAIN_FLAGS])
+    assert utils.load_checkpoint("checkpoints/more/last.pt")["config"]["distill_from"] == ""
+    with pytest.raises(utils.UsageError, match="started with --finetune-loss distill, which it keeps"):
+        compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags,
+                                              "--finetune-steps", "6", "--finetune-loss", "data"]))
     capsys.readouterr()
     compress.run(*compress.parse_options(["prune", "--run-name", "tiny", "--ratio", "0.5", *flags]))
     out = capsys.readouterr().out
