@@ -399,7 +399,7 @@ def run(opts, world_size=1):
         raise UsageError("--samples scores saved images in one process; torchrun shares out sampling, so run it as "
                          "python evaluate.py --samples ...")
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
-    device = jobs.local_device(device)
+    device = utils.process_device(device)
     start = time.perf_counter()
     written = []
     if opts.samples:

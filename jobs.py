@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,13 +77,6 @@ def run_script(run, opts):
         raise
     utils.leave_distributed(wait=True)
     return written if rank == 0 else None
-
-
-def local_device(device):
-    """The device of this process: under torchrun on GPUs, the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def on_first_process(function):

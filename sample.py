@@ -362,7 +362,7 @@ def run(opts, world_size=1):
         raise UsageError(f"{single[0]} runs in one process; torchrun shares out the sampling of images, so run it "
                          f"as python sample.py ...")
     device, amp_dtype = utils.resolve_device_and_amp(opts.device, opts.amp)
-    device = jobs.local_device(device)
+    device = utils.process_device(device)
     loaded = inference.load_model(opts.run_name, opts.checkpoint, opts.pretrained, opts.ema)
     model, cfg, run_name, source = loaded.model, loaded.cfg, loaded.run, loaded.source
     if opts.export_diffusers and loaded.compression:

@@ -73,9 +73,7 @@ def setup(argv):
         elif cfg.init_from and checkpoint["config"].get("init_from") != cfg.init_from:
             raise utils.UsageError(f"{resume_path} is a run that did not start from {cfg.init_from}, and a run "
                                    f"starts --init-from a checkpoint only when it is new; choose another --run-name")
-        device = utils.resolve_device(cfg.device)
-        if world_size > 1 and device.type == "cuda":
-            device = torch.device("cuda", local_rank)
+        device = utils.process_device(utils.resolve_device(cfg.device))
         amp_dtype = utils.resolve_amp(cfg.amp, device)
     except config.UserError as error:
         config.fail(error)

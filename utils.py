@@ -159,6 +159,20 @@ def setup_distributed(timeout=None):
     return rank, local_rank, dist.get_world_size()
 
 
+def process_device(device):
+    """The device of this process: under torchrun on GPUs, the GPU of its LOCAL_RANK, one process per GPU (NCCL
+    refuses two processes on one GPU). More processes on a machine than it has GPUs is a UsageError."""
+    if device.type != "cuda" or not dist.is_initialized():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    gpus = torch.cuda.device_count()
+    if local_processes > gpus:
+        raise UsageError(f"torchrun started {local_processes} processes on this machine, which has {gpus} GPU(s); "
+                         f"start one per GPU (--nproc_per_node={gpus}), or use --device cpu")
+    return torch.device("cuda", local_rank)
+
+
 def leave_distributed(wait):
     """Leave the process group, if this process joined one. wait: first wait until every process has got here,
     which a process that finished normally must do: one that tears down its connections while another still

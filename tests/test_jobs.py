@@ -21,6 +21,7 @@ import torch
 import evaluate
 import inference
 import jobs
+import utils
 import test_evaluate  # noqa: F401 (registers the tiny Inception stand-in and reference with torch-fidelity)
 from conftest import tiny_checkpoint
 from diffusion import create_diffusion
@@ -53,6 +54,16 @@ def single_process_npz(*flags):
     return npz_images(next(Path("alone").glob("*.npz")))
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_in_a_terminal():
+    """SIGINT handled as in a terminal (KeyboardInterrupt) in these tests: a shell starts a background job
+    (`pytest ... &`, nohup) with SIGINT ignored and Python keeps that, so a one-round job, which puts back the
+    handler it found, would then ignore the signal that stop_after_batches sends."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def stop_after_batches(monkeypatch, count):
     """Make the job get SIGINT during its batch number `count` (1-based), as Ctrl-C would."""
     made = []
@@ -60,7 +71,7 @@ def stop_after_batches(monkeypatch, count):
     def interrupted(*args, **kwargs):
         made.append(args[4])  # start
         if len(made) == count:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return GENERATE_BATCH(*args, **kwargs)
 
     monkeypatch.setattr(inference, "generate_batch", interrupted)
@@ -191,18 +202,19 @@ def test_two_processes_make_the_images_of_one_and_finish_a_stopped_job(monkeypat
                                   npz_images(next(Path("short-one").glob("*.npz"))))
 
     # A whole job in two processes, straight through: the same images again, each process making its share (a
-    # launcher reports which process makes which batch).
+    # launcher notes which process makes which batch, each process in a file of its own: lines the two print to
+    # one pipe can interleave mid-line when Python's output is unbuffered).
     launcher = Path("launch_sample.py")
     launcher.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport inference, sample\n"
                         f"make = inference.generate_batch\n"
                         f"def reporting(*args, **kwargs):\n"
-                        f"    print('rank', os.environ['RANK'], 'makes', args[4], flush=True)\n"
+                        f"    with open('made_by_rank' + os.environ['RANK'], 'a') as f:\n"
+                        f"        f.write(str(args[4]) + '\\n')\n"
                         f"    return make(*args, **kwargs)\n"
                         f"inference.generate_batch = reporting\nsample.main(sys.argv[1:])\n")
     result = torchrun(29562, launcher, "--run-name", "uncond", "--format", "npz", *JOB, "--out", "two")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(re.findall(r"rank \d makes \d", result.stdout)) == ["rank 0 makes 0", "rank 0 makes 4",
-                                                                      "rank 1 makes 2", "rank 1 makes 6"]
+    assert [Path(f"made_by_rank{rank}").read_text().split() for rank in (0, 1)] == [["0", "4"], ["2", "6"]]
     assert "7/7 images" in result.stderr
     np.testing.assert_array_equal(npz_images(next(Path("two").glob("*.npz"))), expected)
 
@@ -258,3 +270,19 @@ def test_fingerprint_follows_the_weights():
     with torch.no_grad():
         model.out_conv.bias[0] += 1e-6
     assert jobs.fingerprint(model) != before
+
+
+def test_each_process_gets_its_own_gpu_and_more_processes_than_gpus_are_refused(monkeypatch):
+    # Under torchrun with NCCL, a process's GPU is that of its LOCAL_RANK; two processes on one GPU would make NCCL
+    # fail deep inside, so that is refused with a sentence. CPUs are not GPUs: --device cpu takes any number.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert utils.process_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert utils.process_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(utils.UsageError, match=r"started 3 processes on this machine, which has 2 GPU\(s\); start "
+                                               r"one per GPU \(--nproc_per_node=2\), or use --device cpu"):
+        utils.process_device(torch.device("cuda"))
+    assert utils.process_device(torch.device("cpu")) == torch.device("cpu")
