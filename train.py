@@ -76,8 +76,15 @@ def setup(argv):
         device = utils.process_device(utils.resolve_device(cfg.device))
         amp_dtype = utils.resolve_amp(cfg.amp, device)
     except config.UserError as error:
-        config.fail(error)
+        fail_once(error, local_rank)
     return cfg, resume_path, checkpoint, device, amp_dtype, rank, local_rank, world_size, teacher_state, init_state
+
+
+def fail_once(error, local_rank):
+    """Exit with a user mistake that every process met: one sentence per machine (from its first process)."""
+    if local_rank == 0:
+        config.fail(error)
+    sys.exit(1)
 
 
 def teacher_model(cfg, teacher_state, device, path=None):

@@ -275,10 +275,12 @@ def test_fingerprint_follows_the_weights():
 def test_each_process_gets_its_own_gpu_and_more_processes_than_gpus_are_refused(monkeypatch):
     # Under torchrun with NCCL, a process's GPU is that of its LOCAL_RANK; two processes on one GPU would make NCCL
     # fail deep inside, so that is refused with a sentence. CPUs are not GPUs: --device cpu takes any number.
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # 4 machines of 2 GPUs: what counts is the processes on this one
+    assert utils.process_device(torch.device("cuda")) == torch.device("cuda")  # one process: no group, as given
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     assert utils.process_device(torch.device("cuda")) == torch.device("cuda", 1)
     assert utils.process_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
@@ -286,3 +288,19 @@ def test_each_process_gets_its_own_gpu_and_more_processes_than_gpus_are_refused(
                                                r"one per GPU \(--nproc_per_node=2\), or use --device cpu"):
         utils.process_device(torch.device("cuda"))
     assert utils.process_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_more_processes_than_gpus_are_refused_in_one_sentence_by_train_and_sample():
+    # Two torchrun processes on a machine that claims one GPU (a launcher fakes it; the group falls back to gloo).
+    launcher = Path("launch_one_gpu.py")
+    launcher.write_text(f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\nimport torch\n"
+                        f"torch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n"
+                        f"script = sys.argv.pop(1)\nsys.argv[0] = script\nrunpy.run_path(script, run_name='__main__')\n")
+    for port, script, flags in ((29566, "train.py", ["--preset", "demo", "--max-steps", "1", "--run-name", "refused"]),
+                                (29567, "sample.py", ["--run-name", "uncond", "--num-samples", "2"])):
+        result = torchrun(port, launcher, REPO / script, "--device", "cuda", "--amp", "none", *flags)
+        assert result.returncode != 0
+        assert result.stderr.count("error: torchrun started 2 processes on this machine, which has 1 GPU(s); "
+                                   "start one per GPU (--nproc_per_node=1), or use --device cpu") == 1, \
+            result.stderr[-3000:]
+    assert not Path("checkpoints/refused").exists()
