@@ -316,7 +316,7 @@ def prune(opts):
                 weights = loaded.model.float().state_dict()
                 utils.save_checkpoint({"model": weights, "ema": weights, "config": config.config_to_dict(loaded.cfg),
                                        "step": loaded.step}, original)
-            distill = ["--distill-from", str(original)]  # (its lr stays what it started with, if resumed)
+            distill = ["--distill-from", str(original)]
         print(f"fine-tuning {path} for {steps} steps at lr {lr:g} as run {name}, learning "
               f"{'the outputs of ' + distill[1] if distill[1] else 'from the data'}")
         train.main(["--init-from", str(path), "--run-name", name, "--max-steps", str(steps),

@@ -150,8 +150,7 @@ def setup_distributed(timeout=None):
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 0, 1
     rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    local_rank, local_processes = local_processes_of_torchrun()
     use_nccl = torch.cuda.is_available() and local_processes <= torch.cuda.device_count()
     if use_nccl:
         torch.cuda.set_device(local_rank)
@@ -159,13 +158,18 @@ def setup_distributed(timeout=None):
     return rank, local_rank, dist.get_world_size()
 
 
+def local_processes_of_torchrun():
+    """(LOCAL_RANK, the number of torchrun's processes on this machine) of this process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+
+
 def process_device(device):
     """The device of this process: under torchrun on GPUs, the GPU of its LOCAL_RANK, one process per GPU (NCCL
     refuses two processes on one GPU). More processes on a machine than it has GPUs is a UsageError."""
     if device.type != "cuda" or not dist.is_initialized():
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    local_rank, local_processes = local_processes_of_torchrun()
     gpus = torch.cuda.device_count()
     if local_processes > gpus:
         raise UsageError(f"torchrun started {local_processes} processes on this machine, which has {gpus} GPU(s); "

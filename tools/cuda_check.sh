@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA paths in one go, for a machine with a GPU: training in bf16 and fp16 (GradScaler), resume, compile with
-# channels-last, sampling (one process, 2 processes under torchrun, compiled with CUDA graphs: the same images?),
+# channels-last, sampling (one process, one per GPU under torchrun, compiled with CUDA graphs: the same images?),
 # the quality metric of a demo trained on the GPU, and benchmark.py at batch 128 and batch 1, plain and compiled.
 # Each step has a time limit; a failed one is reported and the rest go on. Prints a table at the end.
 #
@@ -69,7 +69,7 @@ import csv, statistics, sys
 rows = list(csv.DictReader(open("results/logs/" + sys.argv[1] + "/metrics.csv")))
 last = rows[-1]
 speed = statistics.median(float(row["img_per_sec"]) for row in rows[1:] or rows)
-print("step", last["step"], "loss", round(float(last["loss"]), 4), "median", round(speed), "img/s")' 
+print("step", last["step"], "loss", round(float(last["loss"]), 4), "median", round(speed), "img/s")'
 
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
 *((torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else ()))" \
